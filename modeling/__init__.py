@@ -1,0 +1,1 @@
+"""The model files copied verbatim into every ShortV checkpoint (they import only torch and transformers)."""

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import warnings
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+from shortv_export.tiny import save_tiny  # noqa: E402
+
+_ROOT: Path | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_root(tmp_path_factory):
+    global _ROOT
+    _ROOT = tmp_path_factory.mktemp("tiny")
+    yield
+
+
+@cache
+def tiny_dir(kind: str, num_layers: int = 6) -> Path:
+    """A tiny random checkpoint folder of ``kind`` ('llava' or 'llava_next'), saved once per session."""
+    return save_tiny(_ROOT / f"{kind}-{num_layers}", kind, num_layers=num_layers)
+
+
+def image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def prompt(processor, text: str, n_images: int = 1) -> str:
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def batch(processor, rows: list[tuple[str, list[Image.Image]]], padding_side: str = "left") -> dict:
+    """Processor inputs for rows of (question, images); rows may have zero, one or several images."""
+    processor.tokenizer.padding_side = padding_side
+    texts = [prompt(processor, q, len(imgs)) for q, imgs in rows]
+    images = [img for _, imgs in rows for img in imgs] or None
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))

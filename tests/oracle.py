@@ -1,0 +1,40 @@
+"""The independent ShortV oracle of method.md section 1: the *stock* model, with each frozen layer run
+densely and its visual rows then reset to the layer's input. Visual rows are the prefill positions whose
+input id is the image token; decode steps carry no image token and so run unchanged."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def oracle_hooks(stock_model, frozen_layers, image_token_id: int, frozen_ids: list[int] | None = None):
+    """Make a stock LLaVA / LLaVA-NeXT model behave like ShortV with ``frozen_layers`` while inside.
+
+    ``frozen_ids``: token ids whose rows freeze (default: the image token)."""
+    ids = torch.tensor(frozen_ids if frozen_ids is not None else [image_token_id])
+    state = {"rows": None}
+    base = stock_model.model
+
+    def capture(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state["rows"] = None if input_ids is None else torch.isin(input_ids, ids.to(input_ids.device))
+
+    def reset(_module, args, kwargs, output):
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        rows = state["rows"]
+        if rows is None or rows.shape != hidden_in.shape[:2]:
+            return output
+        return torch.where(rows.unsqueeze(-1), hidden_in, output)
+
+    handles = [base.register_forward_pre_hook(capture, with_kwargs=True)]
+    layers = base.language_model.layers
+    # prepend: reset before transformers' own hooks record the layer output as a hidden state
+    handles += [layers[i].register_forward_hook(reset, with_kwargs=True, prepend=True) for i in frozen_layers]
+    try:
+        yield stock_model
+    finally:
+        for h in handles:
+            h.remove()
