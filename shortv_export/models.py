@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .modeling import modeling_shortv_llava
 from .modeling.configuration_shortv_llava import ShortVLlavaConfig, ShortVLlavaNextConfig
 from .modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration, ShortVLlavaNextForConditionalGeneration
 
@@ -15,7 +16,7 @@ SUPPORTED = {  # base model_type -> (ShortV model_type, config class, model clas
 }
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
 MODELING_FILES = ("configuration_shortv_llava.py", "modeling_shortv_llava.py")
-MODELING_DIR = Path(__file__).resolve().parent / "modeling"
+MODELING_DIR = Path(modeling_shortv_llava.__file__).resolve().parent  # the repo's modeling/, installed
 
 
 def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any]:

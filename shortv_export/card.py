@@ -1,0 +1,84 @@
+"""The model card (README.md) of a ShortV checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .load import Source
+
+PAPER = "https://arxiv.org/abs/2504.00502"
+
+
+def model_card(
+    source: Source,
+    layers: list[int],
+    flops: dict[str, float],
+    command: str,
+    lc: dict[str, Any] | None = None,
+    license: str | None = None,
+) -> str:
+    """A Hub model card: YAML metadata, usage, the frozen layers, FLOPs and the command that made it."""
+    base = source.repo_id or source.name
+    n, total = len(layers), source.num_layers
+    meta = [
+        "---",
+        f"base_model: {base}" if source.repo_id else None,
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        f"license: {license}" if license else None,
+        "tags:",
+        "- shortv",
+        "- custom_code",
+        "- llava",
+        "---",
+    ]
+    lines = [m for m in meta if m is not None]
+    lines += [
+        "",
+        f"# {source.name} with ShortV (N={n} of {total} layers frozen for visual tokens)",
+        "",
+        f"This is [{base}](https://huggingface.co/{base}) with [ShortV]({PAPER}) (Yuan et al., 2025): in {n} of "
+        f"its {total} decoder layers, visual tokens are frozen during prefill: only text tokens are queries and "
+        "go through the MLP, while visual tokens keep their hidden state (their keys and values are still "
+        "computed). The weights are the base model's, unchanged; `modeling_shortv_llava.py` holds the small "
+        "model class, and `config.json` lists the frozen layers in `shortv_layers`.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        "",
+        'repo = "REPO"  # this repository, or the folder it was written to',
+        "model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)",
+        "processor = AutoProcessor.from_pretrained(repo)",
+        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
+        "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        "# image = PIL.Image.open(...)",
+        'inputs = processor(images=image, text=prompt, return_tensors="pt")',
+        "print(processor.decode(model.generate(**inputs, max_new_tokens=30)[0], skip_special_tokens=True))",
+        "```",
+        "",
+        '`AutoModel`, `pipeline("image-text-to-text")`, batches with padding, bf16/fp16, eager and SDPA '
+        'attention and `device_map="auto"` work as with the base model. `trust_remote_code=True` is required.',
+        "",
+        "## Frozen layers",
+        "",
+        f"`shortv_layers` = {layers} (lowest Layer Contribution first).",
+        "",
+        "## Prefill FLOPs (decoder layers)",
+        "",
+        f"For {flops['n_visual']} visual + {flops['n_text']} text tokens: {flops['vanilla_tflops']:.2f} TFLOPs "
+        f"vanilla, {flops['shortv_tflops']:.2f} TFLOPs ShortV, ratio {flops['ratio']:.3f} "
+        f"(ideal prefill speed-up {flops['ideal_speedup']:.2f}x).",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Made with shortv-export. Method: Yuan et al., *ShortV: Efficient Multimodal Large Language Models by "
+        f"Freezing Visual Tokens in Ineffective Layers*, ICCV 2025, {PAPER}.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Prefill FLOPs of the decoder layers, vanilla and ShortV (method.md section 4).
+
+2 FLOPs per multiply-add, decoder layers only (no vision tower, embeddings, norms or lm_head): the Q, K, V, O
+projections (K/V sized by the KV heads), attention scores and the weighted sum (every query against every
+key of the prompt, the usual dense count), and the three SwiGLU MLP matrices. A ShortV layer keeps K/V for all
+n tokens but runs Q, O, the attention rows and the MLP for the n_t text tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def _dims(text_config: Any) -> tuple[int, int, int, int, int]:
+    get = text_config.get if isinstance(text_config, dict) else lambda k, d=None: getattr(text_config, k, d)
+    hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+    kv_heads = int(get("num_key_value_heads") or heads)
+    head_dim = int(get("head_dim") or hidden // heads)
+    return hidden, heads, kv_heads, head_dim, int(get("intermediate_size"))
+
+
+def layer_flops(text_config: Any, n_queries: int, n_keys: int) -> int:
+    """FLOPs of one decoder layer where ``n_queries`` of the ``n_keys`` prompt tokens are queries."""
+    hidden, heads, kv_heads, head_dim, ffn = _dims(text_config)
+    kv = 2 * 2 * n_keys * hidden * kv_heads * head_dim  # K and V projections, every token
+    q_o = 2 * 2 * n_queries * hidden * heads * head_dim  # Q and O projections
+    attention = 2 * 2 * n_queries * n_keys * heads * head_dim  # scores and weighted sum
+    mlp = 3 * 2 * n_queries * hidden * ffn
+    return kv + q_o + attention + mlp
+
+
+def prefill_flops(text_config: Any, n_visual: int, n_text: int, frozen_layers: Iterable[int] = ()) -> int:
+    """Prefill FLOPs of all decoder layers for a prompt of ``n_visual`` + ``n_text`` tokens."""
+    get = text_config.get if isinstance(text_config, dict) else lambda k: getattr(text_config, k)
+    num_layers = int(get("num_hidden_layers"))
+    frozen = set(frozen_layers)
+    if not frozen <= set(range(num_layers)):
+        raise ValueError(f"frozen layers {sorted(frozen)} out of range for {num_layers} layers")
+    n = n_visual + n_text
+    dense, shortv = layer_flops(text_config, n, n), layer_flops(text_config, n_text, n)
+    return (num_layers - len(frozen)) * dense + len(frozen) * shortv
+
+
+def flops_summary(text_config: Any, n_visual: int, n_text: int, frozen_layers: Iterable[int]) -> dict[str, float]:
+    """Vanilla and ShortV TFLOPs, their ratio and the ideal prefill speed-up (1 / ratio)."""
+    vanilla = prefill_flops(text_config, n_visual, n_text)
+    shortv = prefill_flops(text_config, n_visual, n_text, frozen_layers)
+    return {
+        "n_visual": n_visual,
+        "n_text": n_text,
+        "vanilla_tflops": vanilla / 1e12,
+        "shortv_tflops": shortv / 1e12,
+        "ratio": shortv / vanilla,
+        "ideal_speedup": vanilla / shortv,
+    }
