@@ -14,7 +14,8 @@ def model_card(
     layers: list[int],
     flops: dict[str, float],
     command: str,
-    lc: dict[str, Any] | None = None,
+    fidelity: dict[str, Any] | None = None,
+    has_plot: bool = False,
     license: str | None = None,
 ) -> str:
     """A Hub model card: YAML metadata, usage, the frozen layers, FLOPs and the command that made it."""
@@ -65,6 +66,17 @@ def model_card(
         "",
         f"`shortv_layers` = {layers} (lowest Layer Contribution first).",
         "",
+        *(["![Layer Contribution per layer](lc.png)", ""] if has_plot else []),
+        *(
+            [
+                f"On the {fidelity['samples']} calibration samples, with all {len(layers)} layers frozen together: "
+                f"mean KL to the base model {fidelity['mean_kl']:.4g}, top-1 next-token agreement "
+                f"{fidelity['top1_agreement']:.1%}.",
+                "",
+            ]
+            if fidelity
+            else []
+        ),
         "## Prefill FLOPs (decoder layers)",
         "",
         f"For {flops['n_visual']} visual + {flops['n_text']} text tokens: {flops['vanilla_tflops']:.2f} TFLOPs "

@@ -12,7 +12,7 @@ from .card import model_card
 from .errors import ShortVError
 from .flops import flops_summary
 from .load import Source, resolve_model
-from .select import parse_layers
+from .select import check_n, default_n, parse_layers, smallest_n_for_flops
 from .write import check_output, plan_files, write_checkpoint
 
 DEFAULT_TEXT_TOKENS = 64
@@ -27,21 +27,50 @@ def default_visual_tokens(source: Source) -> int:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("model")
+@click.option("--n", "n", type=int, help="Freeze the N lowest-LC layers [default: 60% of the layers].")
+@click.option(
+    "--target-flops",
+    type=float,
+    metavar="R",
+    help="Freeze the fewest layers whose prefill FLOPs ratio is <= R (at the calibration set's tokens).",
+)
 @click.option(
     "--layers",
     "layers_spec",
     metavar="IDS|paper",
-    help="Frozen layers, lowest LC first (e.g. 31,29,30), or 'paper' for the published list.",
+    help="Frozen layers, lowest LC first (e.g. 31,29,30), or 'paper'; skips calibration.",
 )
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: ./<model>-shortv-n<N>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--calib", help="Calibration set: FILE.jsonl, an image folder or hf:NAME[:split] [default: embedded].")
+@click.option("--samples", type=int, help="Use K samples of the calibration set (seeded choice) [default: all].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --samples.")
+@click.option("--image-column", default="image", show_default=True, help="Image column for --calib hf:...")
+@click.option("--prompt-column", help="Prompt column for --calib hf:... [default: caption prompt].")
+@click.option(
+    "--modality",
+    type=click.Choice(["visual", "both"]),
+    default="visual",
+    show_default=True,
+    help="'both' also measures text-token LC (the paper's contrast).",
+)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Calibration dtype (auto: fp32 on CPU, bf16 on GPU).",
+)
+@click.option("--device-map", type=click.Choice(["auto"]), help="Spread a model larger than one GPU.")
 @click.option("--revision", help="Hub revision of MODEL (branch, tag or commit).")
 @click.option("--dry-run", is_flag=True, help="Print the plan, the FLOPs ratio and the files; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the result.")
-def main(model, layers_spec, out, overwrite, revision, dry_run, quiet):
+def main(model, **options):
     """Convert MODEL (a llava-hf Hub id or a local folder) into a standalone ShortV checkpoint."""
     try:
-        run(model, layers_spec, out, overwrite, revision, dry_run, quiet)
+        run(model, **options)
     except ShortVError as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
@@ -50,19 +79,100 @@ def main(model, layers_spec, out, overwrite, revision, dry_run, quiet):
         sys.exit(130)
 
 
-def run(model, layers_spec, out, overwrite, revision, dry_run, quiet):
+def run(
+    model,
+    *,
+    n,
+    target_flops,
+    layers_spec,
+    out,
+    overwrite,
+    calib,
+    samples,
+    seed,
+    image_column,
+    prompt_column,
+    modality,
+    batch_size,
+    device,
+    dtype,
+    device_map,
+    revision,
+    dry_run,
+    quiet,
+):
+    from .calibrate import LCResult
+
     say = (lambda *a, **k: None) if quiet else click.echo
     source = resolve_model(model, revision=revision, config_only=dry_run)
-    if layers_spec is None:
-        raise ShortVError("pass --layers IDS or --layers paper (LC calibration is not available yet)")
-    layers = parse_layers(layers_spec, source.num_layers, source.model_id, source.name)
+    total = source.num_layers
+    if layers_spec is not None and (n is not None or target_flops is not None):
+        raise ShortVError("--layers gives the layers itself; drop --n / --target-flops")
+    if n is not None and target_flops is not None:
+        raise ShortVError("give --n or --target-flops, not both")
+    if n is not None:
+        check_n(n, total)
+    if batch_size < 1:
+        raise ShortVError(f"--batch-size {batch_size}: must be at least 1")
+    say(f"{source.model_id}: {source.kind}, {total} decoder layers")
+
+    lc: LCResult | None = None
+    if layers_spec is not None:
+        layers = parse_layers(layers_spec, total, source.model_id, source.name)
+    else:
+        n_planned = n if n is not None else None if target_flops is not None else default_n(total)
+        if out is None and n_planned is not None:
+            out = Path(f"{source.name}-shortv-n{n_planned}")
+        if out is not None:
+            check_output(out, overwrite, source)
+        if dry_run:
+            rule = f"the {n_planned} lowest-LC layers" if n_planned else f"the fewest layers for FLOPs<={target_flops}"
+            say(f"would calibrate LC on {calib or 'the embedded set'} and freeze {rule}")
+            if out is not None:
+                say(f"would write {out}/ (config, modeling files, weights, lc.json, lc.png, README.md)")
+            return
+        lc = _calibrate(
+            source,
+            out,
+            calib=calib,
+            samples=samples,
+            seed=seed,
+            image_column=image_column,
+            prompt_column=prompt_column,
+            modality=modality,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            quiet=quiet,
+            n=n_planned,
+            target_flops=target_flops,
+        )
+        layers = lc.fidelity["layers"]
+        say(f"LC order (lowest first): {lc.order}")
+        say(
+            f"all {len(layers)} frozen together: mean KL {lc.fidelity['mean_kl']:.4g}, "
+            f"top-1 agreement {lc.fidelity['top1_agreement']:.1%} on {lc.fidelity['samples']} samples"
+        )
+
     out = out or Path(f"{source.name}-shortv-n{len(layers)}")
     check_output(out, overwrite, source)
-    flops = flops_summary(source.hf_config.text_config, default_visual_tokens(source), DEFAULT_TEXT_TOKENS, layers)
-    command = shlex.join(["shortv-export", model, "--layers", ",".join(map(str, layers))])
-    card = model_card(source, layers, flops, command).encode()
+    n_visual = round(lc.calibration["n_visual_mean"]) if lc else default_visual_tokens(source)
+    n_text = round(lc.calibration["n_text_mean"]) if lc else DEFAULT_TEXT_TOKENS
+    flops = flops_summary(source.hf_config.text_config, n_visual, n_text, layers)
+    args = (
+        ["--layers", ",".join(map(str, layers))]
+        if lc is None
+        else _calib_args(calib, samples, seed, modality, n=len(layers), target_flops=target_flops)
+    )
+    command = shlex.join(["shortv-export", model, *args])
+    extra = {}
+    if lc is not None:
+        extra["lc.json"] = lc.to_json().encode()
+    extra["README.md"] = model_card(
+        source, layers, flops, command, fidelity=lc.fidelity if lc else None, has_plot=lc is not None
+    ).encode()
 
-    say(f"{source.model_id}: {source.kind}, {source.num_layers} decoder layers")
     say(f"frozen for visual tokens: {len(layers)} layers {layers}")
     say(
         f"prefill FLOPs at {flops['n_visual']} visual + {flops['n_text']} text tokens: "
@@ -71,13 +181,96 @@ def run(model, layers_spec, out, overwrite, revision, dry_run, quiet):
     )
     if dry_run:
         say(f"would write {out}/:")
-        for f in plan_files(source, {"README.md": card}):
+        for f in plan_files(source, extra):
             size = f"{f.size:,} B" if f.size is not None else "-"
             say(f"  {f.name:<40} {size:>16}  {f.how}")
         return
+    if lc is not None:
+        extra.update(_plot(lc, source.name))
     progress = None if quiet else _progress("writing")
-    path = write_checkpoint(source, layers, out, overwrite=overwrite, extra={"README.md": card}, progress=progress)
+    path = write_checkpoint(source, layers, out, overwrite=overwrite, extra=extra, progress=progress)
     click.echo(f"wrote {path}")
+
+
+def _calibrate(
+    source,
+    out,
+    *,
+    calib,
+    samples,
+    seed,
+    image_column,
+    prompt_column,
+    modality,
+    batch_size,
+    device,
+    dtype,
+    device_map,
+    quiet,
+    n,
+    target_flops,
+):
+    """LC (reused from out/lc.json when it matches), the selected layers and their fidelity, as one LCResult."""
+    from .calibrate import calibrate, calibration_key, fidelity, load_model, resolve_dtype, reusable
+    from .data import load_calibration
+    from .select import lowest
+
+    say = (lambda *a, **k: None) if quiet else click.echo
+    calib_set = load_calibration(
+        calib, samples=samples, seed=seed, image_column=image_column, prompt_column=prompt_column
+    )
+    for sample in calib_set.samples:  # fail on a missing or broken image before loading the model
+        sample.load_image()
+    model = processor = None
+    key = calibration_key(source, calib_set, modality, resolve_dtype(dtype, device, device_map))
+    lc = reusable(out / "lc.json", key) if out is not None else None
+    if lc is not None and (modality == "visual" or lc.text is not None):
+        say(f"reusing LC from {out / 'lc.json'} (same model and calibration set)")
+    else:
+        say(f"calibrating LC on {len(calib_set.samples)} samples of {calib_set.name}")
+        model, processor = load_model(source, device=device, dtype=dtype, device_map=device_map)
+        lc = calibrate(
+            model, processor, calib_set, modality=modality, batch_size=batch_size, progress=not quiet, key=key
+        )
+    if target_flops is not None:
+        n = smallest_n_for_flops(
+            source.hf_config.text_config,
+            lc.order,
+            target_flops,
+            lc.calibration["n_visual_mean"],
+            lc.calibration["n_text_mean"],
+        )
+        if n == 0:
+            raise ShortVError(f"--target-flops {target_flops}: already met with no frozen layer")
+    layers = lowest(lc.order, n)
+    if lc.fidelity is None or lc.fidelity["layers"] != layers:
+        if model is None:
+            model, processor = load_model(source, device=device, dtype=dtype, device_map=device_map)
+        lc.fidelity = fidelity(model, processor, calib_set, layers, batch_size=batch_size, progress=not quiet)
+    return lc
+
+
+def _calib_args(calib, samples, seed, modality, n, target_flops) -> list[str]:
+    args = ["--target-flops", str(target_flops)] if target_flops is not None else ["--n", str(n)]
+    if calib:
+        args += ["--calib", calib]
+    if samples:
+        args += ["--samples", str(samples), "--seed", str(seed)]
+    if modality != "visual":
+        args += ["--modality", modality]
+    return args
+
+
+def _plot(lc, name) -> dict[str, bytes]:
+    import tempfile
+
+    from .calibrate import lc_plot_png
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lc.png"
+        if lc_plot_png(lc, path, title=f"{name}: Layer Contribution"):
+            return {"lc.png": path.read_bytes()}
+    return {}
 
 
 def _tflops(t: float) -> str:

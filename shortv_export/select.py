@@ -114,3 +114,19 @@ def check_n(n: int, num_layers: int) -> int:
 def lowest(order: list[int], n: int) -> list[int]:
     """The first ``n`` layers of an ascending-LC order."""
     return list(order[:n])
+
+
+def smallest_n_for_flops(text_config, order: list[int], target: float, n_visual: float, n_text: float) -> int:
+    """``--target-flops R``: the smallest N whose prefill FLOPs ratio is <= R at these token counts."""
+    from .flops import flops_summary
+
+    if not 0 < target <= 1:
+        raise ShortVError(f"--target-flops {target}: must be a ratio in (0, 1]")
+    for n in range(len(order) + 1):
+        if flops_summary(text_config, round(n_visual), round(n_text), order[:n])["ratio"] <= target:
+            return n
+    best = flops_summary(text_config, round(n_visual), round(n_text), order)["ratio"]
+    raise ShortVError(
+        f"--target-flops {target}: out of reach; freezing every layer gives {best:.3f} at "
+        f"{n_visual:.0f} visual + {n_text:.0f} text tokens"
+    )

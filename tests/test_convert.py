@@ -200,7 +200,7 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, tmp_path):
     before = digest(tmp_path)
     result = CliRunner().invoke(main, [str(base), *map(str, args)])
     assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and expected in lines[0], result.output
     assert digest(tmp_path) == before
 
@@ -210,7 +210,7 @@ def test_offline_hub_id_is_a_clear_error(tmp_path):
         main, ["llava-hf/llava-1.5-7b-hf", "--layers", "paper"]
     )
     assert result.exit_code == 2
-    assert len(result.output.strip().splitlines()) == 1 and "cannot be reached" in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot be reached" in result.stderr
 
 
 def test_interrupted_write_leaves_no_output(tmp_path, monkeypatch):

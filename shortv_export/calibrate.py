@@ -1,0 +1,327 @@
+"""Stage 2, calibrate: Layer Contribution (LC) of every decoder layer (method.md section 2).
+
+LC_l = mean over samples of KL(P_l || P_orig) at the last prompt position, full vocabulary, fp32, where P_l is
+the next-token distribution with only layer l freezing the chosen rows (visual, or text for the contrast).
+
+Prefix reuse: one original run per batch caches every layer's input H_0..H_L. Freezing rows R in layer l gives
+exactly ``where(R, H_l, H_{l+1})`` after layer l (the other rows are computed as in the dense layer), so the
+modified run starts at layer l+1: L(L-1)/2 layer forwards for all layers instead of L*L.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import CalibrationSet, format_prompt
+from .errors import ShortVError
+from .load import Source
+
+MODALITIES = ("visual", "both")
+
+
+@dataclass
+class LCResult:
+    visual: list[float]
+    text: list[float] | None
+    samples: int
+    calibration: dict[str, Any]
+    fidelity: dict[str, Any] | None = field(default=None)
+
+    @property
+    def order(self) -> list[int]:
+        """Layer ids, lowest visual LC first (ties by layer id)."""
+        return sorted(range(len(self.visual)), key=lambda i: (self.visual[i], i))
+
+    def to_json(self) -> str:
+        data = {
+            "metric": "kl_last_token",
+            "samples": self.samples,
+            "visual": self.visual,
+            "text": self.text,
+            "order": self.order,
+            "calibration": self.calibration,
+        }
+        if self.fidelity is not None:
+            data["fidelity"] = self.fidelity
+        return json.dumps(data, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LCResult:
+        data = json.loads(text)
+        return cls(data["visual"], data.get("text"), data["samples"], data["calibration"], data.get("fidelity"))
+
+
+def model_fingerprint(source: Source) -> str:
+    """Hash of config.json and the weight files' names and sizes: the model LC was computed on."""
+    h = hashlib.sha256((source.path / "config.json").read_bytes())
+    for name in sorted(source.weights):
+        path = source.path / name
+        h.update(f"{name}:{path.stat().st_size if path.exists() else -1}".encode())
+    return h.hexdigest()[:16]
+
+
+def calibration_key(source: Source, calib: CalibrationSet, modality: str, dtype: torch.dtype) -> dict[str, Any]:
+    """What makes two calibrations the same: the model, the samples and how they were run."""
+    return {
+        "model": source.model_id,
+        "model_fingerprint": model_fingerprint(source),
+        "set": calib.name,
+        "set_fingerprint": calib.fingerprint(),
+        "seed": calib.seed,
+        "samples": len(calib.samples),
+        "modality": modality,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def reusable(lc_file: Path, key: dict[str, Any]) -> LCResult | None:
+    """The LC stored in ``lc_file`` if it was computed with the same ``key``, else None."""
+    try:
+        stored = LCResult.from_json(lc_file.read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    same = all(stored.calibration.get(k) == v for k, v in key.items() if k != "model")  # model: by fingerprint
+    return stored if same else None
+
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: str | None, device_map: str | None) -> torch.dtype:
+    """``--dtype``: 'auto' is fp32 on CPU and bf16 on GPUs."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.float32 if device == "cpu" and device_map is None else torch.bfloat16
+
+
+def load_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
+    """The base model (stock class, one copy) and its processor, ready for calibration."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch_dtype = resolve_dtype(dtype, device, device_map)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs = {"dtype": torch_dtype, "attn_implementation": "sdpa"}
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForImageTextToText.from_pretrained(source.path, **kwargs).eval()
+    if not device_map:
+        model.to(device)
+    return model, AutoProcessor.from_pretrained(source.path)
+
+
+class _Batch:
+    """One padded batch's original run: every layer's input, and what later runs need to continue it."""
+
+    def __init__(self, model, processor, samples, cache_device):
+        self.model = model
+        lm = model.model.language_model
+        self.layers = list(lm.layers)
+        tok = processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"  # the last position is every row's last prompt token
+        try:
+            inputs = processor(
+                images=[s.load_image() for s in samples],
+                text=[format_prompt(processor, s.prompt) for s in samples],
+                return_tensors="pt",
+                padding=True,
+            )
+        finally:
+            tok.padding_side = side
+        first = next(model.parameters()).device
+        inputs = {k: v.to(first) for k, v in inputs.items()}
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        self.visual = ids == model.config.image_token_id
+        self.text = (~self.visual) & attention.bool()
+        self.n_visual = self.visual.sum(1).tolist()
+        self.n_text = self.text.sum(1).tolist()
+        with torch.no_grad():
+            embeds = lm.embed_tokens(ids)
+            features = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"].to(embeds.dtype),
+                image_sizes=inputs.get("image_sizes"),
+                vision_feature_layer=model.config.vision_feature_layer,
+                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+                return_dict=True,
+            )
+            features = torch.cat(list(features.pooler_output), 0).to(embeds.device, embeds.dtype)
+            if features.shape[0] != int(self.visual.sum()):
+                raise ShortVError(
+                    f"image features ({features.shape[0]}) and image tokens ({int(self.visual.sum())})"
+                    " disagree: is the processor the one saved with the model?"
+                )
+            hidden = embeds.masked_scatter(self.visual.unsqueeze(-1), features)
+            # Positions that ignore left padding, so a batched row computes exactly what it computes alone.
+            self.position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            self.position_embeddings = lm.rotary_emb(hidden, self.position_ids)
+            from transformers.masking_utils import create_causal_mask
+
+            self.mask = create_causal_mask(
+                config=lm.config,
+                inputs_embeds=hidden,
+                attention_mask=attention,
+                past_key_values=None,
+                position_ids=self.position_ids,
+            )
+            self.cache_device = cache_device or hidden.device
+            self.inputs = [hidden.to(self.cache_device)]  # H_0 .. H_L
+            for i in range(len(self.layers)):
+                hidden = self.layer(i, hidden)
+                self.inputs.append(hidden.to(self.cache_device))
+            self.log_probs = self.head(hidden)
+
+    def layer(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        device = layer.input_layernorm.weight.device
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731  (device_map may spread layers)
+        self.layer_forwards = getattr(self, "layer_forwards", 0) + 1
+        return layer(
+            move(hidden),
+            attention_mask=move(self.mask),
+            position_ids=move(self.position_ids),
+            position_embeddings=tuple(move(t) for t in self.position_embeddings),
+            past_key_values=None,
+            use_cache=False,
+        )
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (fp32) of the next token after each row's last prompt position."""
+        lm = self.model.model.language_model
+        last = hidden[:, -1].to(lm.norm.weight.device)
+        logits = self.model.lm_head(lm.norm(last).to(self.model.lm_head.weight.device))
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def run_from(self, start: int, rows: torch.Tensor, frozen: set[int]) -> torch.Tensor:
+        """Log-probs when ``rows`` are frozen in ``frozen``, all of which are >= ``start``; reuses H_start."""
+        hidden = self.inputs[start]
+        with torch.no_grad():
+            for i in range(start, len(self.layers)):
+                if i == start and i in frozen:  # layer ``start`` needs no forward: its output is known
+                    out = self.inputs[i + 1]
+                else:
+                    out = self.layer(i, hidden)
+                if i in frozen:
+                    hidden = hidden.to(out.device)
+                    out = torch.where(rows.to(out.device).unsqueeze(-1), hidden, out)
+                hidden = out
+            return self.head(hidden)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per row, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q.to(log_p.device))).sum(-1)
+
+
+def _batches(calib: CalibrationSet, batch_size: int):
+    for start in range(0, len(calib.samples), batch_size):
+        yield calib.samples[start : start + batch_size]
+
+
+def calibrate(
+    model,
+    processor,
+    calib: CalibrationSet,
+    *,
+    modality: str = "visual",
+    batch_size: int = 8,
+    progress: bool = True,
+    key: dict[str, Any] | None = None,
+    cache_device=None,
+) -> LCResult:
+    """LC of every decoder layer for visual tokens (and text tokens with ``modality='both'``)."""
+    if modality not in MODALITIES:
+        raise ShortVError(f"--modality {modality!r}: choose one of {', '.join(MODALITIES)}")
+    num_layers = len(model.model.language_model.layers)
+    sums = {"visual": torch.zeros(num_layers, dtype=torch.float64)}
+    if modality == "both":
+        sums["text"] = torch.zeros(num_layers, dtype=torch.float64)
+    n_batches = math.ceil(len(calib.samples) / batch_size)
+    bar = _bar(n_batches * num_layers * len(sums), "calibrating LC", progress, unit="layer")
+    tokens = {"visual": 0, "text": 0}
+    forwards = 0
+    for samples in _batches(calib, batch_size):
+        batch = _Batch(model, processor, samples, cache_device)
+        tokens["visual"] += sum(batch.n_visual)
+        tokens["text"] += sum(batch.n_text)
+        for name, total in sums.items():
+            rows = batch.visual if name == "visual" else batch.text
+            for layer in range(num_layers):
+                total[layer] += _kl(batch.run_from(layer, rows, {layer}), batch.log_probs).double().sum().cpu()
+                bar.update(1)
+        forwards += batch.layer_forwards
+    bar.close()
+    n = len(calib.samples)
+    mean = {name: [float(v) for v in (total / n).tolist()] for name, total in sums.items()}
+    info = dict(
+        key or {},
+        batch_size=batch_size,
+        layer_forwards=forwards,
+        n_visual_mean=tokens["visual"] / n,
+        n_text_mean=tokens["text"] / n,
+    )
+    return LCResult(mean["visual"], mean.get("text"), n, info)
+
+
+def fidelity(
+    model,
+    processor,
+    calib: CalibrationSet,
+    layers: list[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    cache_device=None,
+) -> dict[str, Any]:
+    """All ``layers`` frozen together vs the original: mean KL and top-1 next-token agreement."""
+    kl, agree = 0.0, 0
+    bar = _bar(len(calib.samples), "checking fidelity", progress, unit="sample")
+    for samples in _batches(calib, batch_size):
+        batch = _Batch(model, processor, samples, cache_device)
+        log_p = batch.run_from(min(layers), batch.visual, set(layers))
+        kl += float(_kl(log_p, batch.log_probs).double().sum())
+        agree += int((log_p.argmax(-1) == batch.log_probs.argmax(-1).to(log_p.device)).sum())
+        bar.update(len(samples))
+    bar.close()
+    n = len(calib.samples)
+    return {"layers": list(layers), "mean_kl": kl / n, "top1_agreement": agree / n, "samples": n}
+
+
+def lc_plot_png(lc: LCResult, path: Path, title: str = "") -> bool:
+    """Plot visual (and text) LC per layer to ``path``; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=110)
+    layers = list(range(len(lc.visual)))
+    ax.plot(layers, lc.visual, marker="o", label="visual tokens")
+    if lc.text is not None:
+        ax.plot(layers, lc.text, marker="s", label="text tokens")
+    if lc.fidelity:
+        for i in lc.fidelity["layers"]:
+            ax.axvspan(i - 0.4, i + 0.4, color="0.85", zorder=0)
+    ax.set_yscale("symlog", linthresh=max(min(v for v in lc.visual if v > 0) if any(lc.visual) else 1e-6, 1e-9))
+    ax.set_xlabel("decoder layer (shaded: frozen)")
+    ax.set_ylabel("LC = KL(P_l || P_orig)")
+    ax.set_title(title or "Layer Contribution")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
+def _bar(total: int, desc: str, enabled: bool, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
