@@ -170,7 +170,7 @@ class _Batch:
                 past_key_values=None,
                 position_ids=self.position_ids,
             )
-            self.cache_device = cache_device or hidden.device
+            self.cache_device = cache_device or _cache_device(hidden, len(self.layers))
             self.inputs = [hidden.to(self.cache_device)]  # H_0 .. H_L
             for i in range(len(self.layers)):
                 hidden = self.layer(i, hidden)
@@ -212,6 +212,15 @@ class _Batch:
                     out = torch.where(rows.to(out.device).unsqueeze(-1), hidden, out)
                 hidden = out
             return self.head(hidden)
+
+
+def _cache_device(hidden: torch.Tensor, num_layers: int) -> torch.device:
+    """Keep the L+1 cached layer inputs on the model's GPU when they fit in half its free memory, else on CPU."""
+    if hidden.device.type != "cuda":
+        return hidden.device
+    needed = (num_layers + 1) * hidden.numel() * hidden.element_size()
+    free, _ = torch.cuda.mem_get_info(hidden.device)
+    return hidden.device if needed < free // 2 else torch.device("cpu")
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -232,3 +232,17 @@ def test_target_flops_picks_the_smallest_n(tmp_path):
 def test_bad_n_exits_2(args, expected, tmp_path):
     result = CliRunner().invoke(main, [str(tiny_dir("llava", LAYERS)), *args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hf_dataset_calibration_keeps_prompts_with_images(tmp_path):
+    """`--calib hf:NAME:split` through `datasets` (here a local imagefolder dataset; a Hub name works alike)."""
+    pytest.importorskip("datasets")
+    rows = []
+    for i in range(4):
+        image(20, 20 + i, i).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "question": f"question {i}"})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    calib = load_calibration(f"hf:{tmp_path}:train", prompt_column="question")
+    assert [(s.prompt, s.load_image().size[1]) for s in calib.samples] == [(f"question {i}", 20 + i) for i in range(4)]
+    with pytest.raises(ShortVError, match="no column 'prompt'"):
+        load_calibration(f"hf:{tmp_path}:train", prompt_column="prompt")
