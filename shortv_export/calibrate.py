@@ -122,6 +122,7 @@ class _Batch:
 
     def __init__(self, model, processor, samples, cache_device):
         self.model = model
+        self.layer_forwards = 0  # decoder-layer forwards run for this batch, original run included
         lm = model.model.language_model
         self.layers = list(lm.layers)
         tok = processor.tokenizer
@@ -181,7 +182,7 @@ class _Batch:
         layer = self.layers[i]
         device = layer.input_layernorm.weight.device
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731  (device_map may spread layers)
-        self.layer_forwards = getattr(self, "layer_forwards", 0) + 1
+        self.layer_forwards += 1
         return layer(
             move(hidden),
             attention_mask=move(self.mask),

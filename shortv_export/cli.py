@@ -79,28 +79,9 @@ def main(model, **options):
         sys.exit(130)
 
 
-def run(
-    model,
-    *,
-    n,
-    target_flops,
-    layers_spec,
-    out,
-    overwrite,
-    calib,
-    samples,
-    seed,
-    image_column,
-    prompt_column,
-    modality,
-    batch_size,
-    device,
-    dtype,
-    device_map,
-    revision,
-    dry_run,
-    quiet,
-):
+def run(model, *, n, target_flops, layers_spec, out, overwrite, revision, dry_run, quiet, **calibration):
+    """The pipeline. ``calibration``: the calibration options (calib, samples, seed, image_column, prompt_column,
+    modality, batch_size, device, dtype, device_map), handed to `_calibrate` as they are."""
     from .calibrate import LCResult
 
     say = (lambda *a, **k: None) if quiet else click.echo
@@ -112,8 +93,8 @@ def run(
         raise ShortVError("give --n or --target-flops, not both")
     if n is not None:
         check_n(n, total)
-    if batch_size < 1:
-        raise ShortVError(f"--batch-size {batch_size}: must be at least 1")
+    if calibration["batch_size"] < 1:
+        raise ShortVError(f"--batch-size {calibration['batch_size']}: must be at least 1")
     say(f"{source.model_id}: {source.kind}, {total} decoder layers")
 
     lc: LCResult | None = None
@@ -127,27 +108,11 @@ def run(
             check_output(out, overwrite, source)
         if dry_run:
             rule = f"the {n_planned} lowest-LC layers" if n_planned else f"the fewest layers for FLOPs<={target_flops}"
-            say(f"would calibrate LC on {calib or 'the embedded set'} and freeze {rule}")
+            say(f"would calibrate LC on {calibration['calib'] or 'the embedded set'} and freeze {rule}")
             if out is not None:
                 say(f"would write {out}/ (config, modeling files, weights, lc.json, lc.png, README.md)")
             return
-        lc = _calibrate(
-            source,
-            out,
-            calib=calib,
-            samples=samples,
-            seed=seed,
-            image_column=image_column,
-            prompt_column=prompt_column,
-            modality=modality,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            device_map=device_map,
-            quiet=quiet,
-            n=n_planned,
-            target_flops=target_flops,
-        )
+        lc = _calibrate(source, out, quiet=quiet, n=n_planned, target_flops=target_flops, **calibration)
         layers = lc.fidelity["layers"]
         say(f"LC order (lowest first): {lc.order}")
         say(
@@ -163,7 +128,7 @@ def run(
     args = (
         ["--layers", ",".join(map(str, layers))]
         if lc is None
-        else _calib_args(calib, samples, seed, modality, n=len(layers), target_flops=target_flops)
+        else _calib_args(n=len(layers), target_flops=target_flops, **calibration)
     )
     command = shlex.join(["shortv-export", model, *args])
     extra = {}
@@ -250,7 +215,7 @@ def _calibrate(
     return lc
 
 
-def _calib_args(calib, samples, seed, modality, n, target_flops) -> list[str]:
+def _calib_args(*, calib, samples, seed, modality, n, target_flops, **_) -> list[str]:
     args = ["--target-flops", str(target_flops)] if target_flops is not None else ["--n", str(n)]
     if calib:
         args += ["--calib", calib]
