@@ -64,6 +64,10 @@ def default_visual_tokens(source: Source) -> int:
     help="Calibration dtype (auto: fp32 on CPU, bf16 on GPU).",
 )
 @click.option("--device-map", type=click.Choice(["auto"]), help="Spread a model larger than one GPU.")
+@click.option("--onnx", "onnx", is_flag=True, help="Also export ONNX graphs to OUT/onnx/ and validate them.")
+@click.option(
+    "--onnx-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="ONNX weight dtype."
+)
 @click.option("--revision", help="Hub revision of MODEL (branch, tag or commit).")
 @click.option("--dry-run", is_flag=True, help="Print the plan, the FLOPs ratio and the files; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the result.")
@@ -79,7 +83,9 @@ def main(model, **options):
         sys.exit(130)
 
 
-def run(model, *, n, target_flops, layers_spec, out, overwrite, revision, dry_run, quiet, **calibration):
+def run(
+    model, *, n, target_flops, layers_spec, out, overwrite, revision, dry_run, quiet, onnx, onnx_dtype, **calibration
+):
     """The pipeline. ``calibration``: the calibration options (calib, samples, seed, image_column, prompt_column,
     modality, batch_size, device, dtype, device_map), handed to `_calibrate` as they are."""
     from .calibrate import LCResult
@@ -111,6 +117,8 @@ def run(model, *, n, target_flops, layers_spec, out, overwrite, revision, dry_ru
             say(f"would calibrate LC on {calibration['calib'] or 'the embedded set'} and freeze {rule}")
             if out is not None:
                 say(f"would write {out}/ (config, modeling files, weights, lc.json, lc.png, README.md)")
+            if onnx:
+                say(f"would export ONNX graphs ({onnx_dtype}) to {out or '<out>'}/onnx/")
             return
         lc = _calibrate(source, out, quiet=quiet, n=n_planned, target_flops=target_flops, **calibration)
         layers = lc.fidelity["layers"]
@@ -149,12 +157,27 @@ def run(model, *, n, target_flops, layers_spec, out, overwrite, revision, dry_ru
         for f in plan_files(source, extra):
             size = f"{f.size:,} B" if f.size is not None else "-"
             say(f"  {f.name:<40} {size:>16}  {f.how}")
+        if onnx:
+            say(f"  {'onnx/':<40} {'-':>16}  export ({onnx_dtype})")
         return
     if lc is not None:
         extra.update(_plot(lc, source.name))
     progress = None if quiet else _progress("writing")
-    path = write_checkpoint(source, layers, out, overwrite=overwrite, extra=extra, progress=progress)
+    finalize = (lambda folder: _export_onnx(folder, onnx_dtype, say, quiet)) if onnx else None
+    path = write_checkpoint(source, layers, out, overwrite=overwrite, extra=extra, progress=progress, finalize=finalize)
     click.echo(f"wrote {path}")
+
+
+def _export_onnx(folder: Path, dtype: str, say, quiet: bool) -> None:
+    from .onnx_export import export_onnx
+
+    report = export_onnx(folder, dtype=dtype, progress=not quiet)
+    v = report.validation
+    say(
+        f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts: max |logits diff| {v['max_abs_logits_diff']:.2e} "
+        f"(tolerance {v['tolerance']:.2e}), max |hidden diff| {v['max_abs_hidden_diff']:.2e}, "
+        f"top-1 {'agrees' if v['top1_agree'] else 'differs'}"
+    )
 
 
 def _calibrate(

@@ -70,12 +70,15 @@ def write_checkpoint(
     overwrite: bool = False,
     extra: dict[str, bytes] | None = None,
     progress: Callable | None = None,
+    finalize: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the ShortV checkpoint of ``source`` freezing ``layers`` to ``out``; return its path.
 
     ``extra``: more generated files (name -> content), e.g. lc.json and the model card. Atomic: the folder is
     built as a hidden sibling and renamed into place, so an interrupted run leaves no output folder; an
     existing ``out`` is replaced only with ``overwrite`` and only once the new folder is complete.
+    ``finalize(folder)`` runs on the complete temporary folder before the rename (e.g. the ONNX export): if
+    it raises, nothing is written.
     """
     out = Path(out).resolve()
     check_output(out, overwrite, source)
@@ -105,6 +108,8 @@ def write_checkpoint(
                 _link_or_copy(planned.source, dest)
             else:
                 shutil.copy2(planned.source, dest)
+        if finalize is not None:
+            finalize(tmp)
         os.chmod(tmp, 0o755)
         if out.exists():
             old = out.with_name(f".{out.name}{_PARTIAL}{os.getpid()}-old")

@@ -1,0 +1,38 @@
+"""`shortv-onnx FOLDER --image IMG --prompt TEXT`: answer one image and prompt with an exported checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--prompt", required=True, help="The question; the processor's chat template wraps it.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, tensorrt or an ORT provider name.")
+def main(folder, image_path, prompt, max_new_tokens, provider):
+    """Greedy answer from FOLDER's ONNX graphs (written by `shortv-export ... --onnx`)."""
+    from PIL import Image, UnidentifiedImageError
+    from transformers import AutoProcessor
+
+    from .data import format_prompt
+    from .onnx_runtime import ShortVOnnxModel
+
+    try:
+        model = ShortVOnnxModel.from_pretrained(folder, provider=provider)
+        image = Image.open(image_path).convert("RGB")
+    except (FileNotFoundError, ValueError, UnidentifiedImageError, OSError) as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=[image], text=[format_prompt(processor, prompt)], return_tensors="np")
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    answer = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    click.echo(answer.strip())
+
+
+if __name__ == "__main__":
+    main()

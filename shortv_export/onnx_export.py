@@ -1,0 +1,344 @@
+"""Stage 5, export: ONNX graphs of a ShortV checkpoint, with the frozen layers' text-only branch baked in.
+
+Three graphs, named and shaped after optimum's decoder exports so ONNX Runtime users find what they expect:
+
+- ``vision_encoder.onnx``: ``pixel_values`` [images, 3, H, W] -> ``image_features`` [images, tokens, hidden]
+  (vision tower, feature layer and strategy, projector). LLaVA-NeXT also returns ``image_newline`` [hidden]:
+  the runner does the anyres unpadding and packing, which depend on each image's size.
+- ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds``.
+- ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` [batch, past + seq], ``position_ids``,
+  ``text_index`` [batch, text] (each row's non-image positions; rows with fewer repeat their last one) and
+  ``past_key_values.{i}.key|value`` -> ``logits`` (last position), ``last_hidden_state`` and
+  ``present.{i}.key|value``. Frozen layers gather the ``text_index`` rows before Q, O and the MLP, so prefill
+  and decode share one graph (in decode every new token is text).
+
+``onnx/shortv_onnx.json`` documents every input and output and holds what the runner needs from the config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ShortVError
+
+GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
+SPEC_FILE = "shortv_onnx.json"
+ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB; keep weights outside from 1 GiB on
+OPSET = 18
+
+
+class _VisionEncoder(nn.Module):
+    """Pixels to projected features, the way LlavaModel.get_image_features computes them, without the list."""
+
+    def __init__(self, model):
+        super().__init__()
+        inner = model.model
+        self.vision_tower = inner.vision_tower
+        self.projector = inner.multi_modal_projector
+        self.image_newline = getattr(inner, "image_newline", None)
+        self.layer = model.config.vision_feature_layer
+        self.strategy = model.config.vision_feature_select_strategy
+
+    def forward(self, pixel_values):
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        layers = [self.layer] if isinstance(self.layer, int) else self.layer
+        selected = [hidden[i][:, 1:] if self.strategy == "default" else hidden[i] for i in layers]
+        features = self.projector(selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1))
+        if self.image_newline is None:
+            return features
+        return features, self.image_newline * 1  # an output of its own (a node, not a bare initializer)
+
+
+class _Embed(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class _Decoder(nn.Module):
+    """The language model with a flat KV cache, explicit masks and the ShortV text-row index as inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.num_layers = len(self.lm.layers)
+        self.frozen = bool(model.model.shortv_layers)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, text_index, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        seq = inputs_embeds.shape[1]
+        total = attention_mask.shape[1]
+        dtype = inputs_embeds.dtype
+        keys = torch.arange(total, device=inputs_embeds.device)
+        keep = attention_mask.bool()[:, None, None, :]
+        queries = torch.arange(seq, device=keys.device) + (total - seq)  # absolute index of each new position
+        blocked = torch.finfo(dtype).min
+        mask = torch.where((keys[None, :] <= queries[:, None])[None, None] & keep, 0.0, blocked).to(dtype)
+        kwargs = {}
+        if self.frozen:  # the rows of that mask for the text queries, built directly (no [S, K] gather)
+            text_queries = text_index + (total - seq)
+            text_mask = (keys[None, None, :] <= text_queries[:, :, None])[:, None] & keep
+            kwargs["shortv"] = {
+                "text_index": text_index,
+                "text_valid": None,  # short rows repeat a text position: same value scattered twice
+                "attention_mask": torch.where(text_mask, 0.0, blocked).to(dtype),
+            }
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -1:])
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (logits, hidden, *presents)
+
+
+@dataclass
+class ExportReport:
+    folder: Path
+    files: dict[str, int]  # name -> bytes
+    validation: dict | None = None
+
+
+def export_onnx(
+    checkpoint: str | Path,
+    *,
+    dtype: str = "fp32",
+    out: str | Path | None = None,
+    validate: bool = True,
+    progress: bool = True,
+) -> ExportReport:
+    """Export the ShortV checkpoint folder ``checkpoint`` to ``out`` (default ``checkpoint/onnx``)."""
+    from .models import SUPPORTED
+
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        if importlib.util.find_spec(module) is None:
+            raise ShortVError(f"--onnx needs {module}: pip install 'shortv-export[onnx]' (or [gpu] for CUDA)")
+    checkpoint = Path(checkpoint)
+    out = Path(out) if out is not None else checkpoint / "onnx"
+    if dtype not in ONNX_DTYPES:
+        raise ShortVError(f"--onnx-dtype {dtype}: choose one of {', '.join(ONNX_DTYPES)}")
+    config_dict = json.loads((checkpoint / "config.json").read_text())
+    kind = {v[0]: k for k, v in SUPPORTED.items()}.get(config_dict.get("model_type"))
+    if kind is None:
+        raise ShortVError(f"{checkpoint} is not a ShortV checkpoint (model_type {config_dict.get('model_type')!r})")
+    _, config_cls, model_cls = SUPPORTED[kind]
+    config = config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
+    model = model_cls.from_pretrained(checkpoint, config=config, dtype=ONNX_DTYPES[dtype], attn_implementation="sdpa")
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = [("vision_encoder", _export_vision), ("embed_tokens", _export_embed), ("decoder", _export_decoder)]
+    bar = _bar(len(steps), progress)
+    spec = {"format": 1, "dtype": _name(ONNX_DTYPES[dtype]), "opset": OPSET, **_runner_config(model, kind)}
+    for name, step in steps:
+        bar.set_description(f"exporting {name}")
+        spec.update(step(model, out))
+        bar.update()
+    bar.close()
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
+    report = ExportReport(out, files)
+    if validate:
+        from .onnx_validate import validate_export
+
+        report.validation = validate_export(model, checkpoint, out)
+    return report
+
+
+def _bar(total, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not progress, unit="graph")
+
+
+def _runner_config(model, kind) -> dict:
+    config = model.config
+    text = config.text_config
+    runner = {
+        "model_type": kind,
+        "image_token_id": config.image_token_id,
+        "shortv_layers": list(model.model.shortv_layers),
+        "num_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+    }
+    if kind == "llava_next":
+        runner["image_grid_pinpoints"] = config.image_grid_pinpoints
+        runner["vision_image_size"] = config.vision_config.image_size
+        runner["vision_patch_size"] = config.vision_config.patch_size
+    return runner
+
+
+def _save(program, path: Path, n_bytes: int, axes: dict[str, dict[int, str]]) -> None:
+    """Save, then give the symbolic axes readable names and drop the exporter's source paths."""
+    import onnx
+
+    external = n_bytes >= EXTERNAL_DATA_BYTES
+    program.save(str(path), external_data=external)
+    graph_model = onnx.load(str(path), load_external_data=False)
+    graph = graph_model.graph
+    rename = {}
+    for value in [*graph.input, *graph.output]:
+        for axis, name in axes.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[axis]
+            if dim.dim_param and " " not in dim.dim_param:
+                rename[dim.dim_param] = name
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b") if rename else None
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if pattern and dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: rename[m.group(1)], dim.dim_param)
+    for node in graph.node:
+        kept = [p for p in node.metadata_props if p.key not in _DROPPED_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(graph_model, str(path))
+
+
+_DROPPED_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}  # local paths, bulk
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _export(module, args, path, input_names, output_names, dynamic_shapes, axes):
+    quiet = logging.getLogger("torch.onnx")
+    level, quiet.level = quiet.level, logging.ERROR  # "torchvision is not installed" notices
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as err:  # torch.export raises many types; one clear line for the user
+            raise ShortVError(f"ONNX export of {path.name} failed: {type(err).__name__}: {err}") from err
+        finally:
+            quiet.setLevel(level)
+    _save(program, path, _param_bytes(module), axes)
+
+
+def _export_vision(model, out: Path) -> dict:
+    module = _VisionEncoder(model)
+    size = model.config.vision_config.image_size
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(2, 3, size, size, dtype=dtype)
+    outputs = ["image_features"] + (["image_newline"] if module.image_newline is not None else [])
+    dim = torch.export.Dim.DYNAMIC
+    axes = {"pixel_values": {0: "images"}, "image_features": {1: "image_tokens"}}
+    _export(module, (pixels,), out / GRAPHS[0], ["pixel_values"], outputs, ({0: dim},), axes)
+    hidden = model.config.text_config.hidden_size
+    io = {
+        "inputs": {"pixel_values": {"shape": ["images", 3, size, size], "dtype": _name(dtype)}},
+        "outputs": {"image_features": {"shape": ["images", "image_tokens", hidden], "dtype": _name(dtype)}},
+    }
+    if module.image_newline is not None:
+        io["outputs"]["image_newline"] = {"shape": [hidden], "dtype": _name(dtype), "doc": "LLaVA-NeXT row end"}
+    return {"vision_encoder": {"file": GRAPHS[0], **io}}
+
+
+def _export_embed(model, out: Path) -> dict:
+    module = _Embed(model)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    dim = torch.export.Dim.DYNAMIC
+    axes = {"input_ids": {0: "batch", 1: "seq"}}
+    _export(module, (ids,), out / GRAPHS[1], ["input_ids"], ["inputs_embeds"], ({0: dim, 1: dim},), axes)
+    hidden = model.config.text_config.hidden_size
+    dtype = _name(next(model.parameters()).dtype)
+    io = {
+        "inputs": {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64"}},
+        "outputs": {"inputs_embeds": {"shape": ["batch", "seq", hidden], "dtype": dtype}},
+    }
+    return {"embed_tokens": {"file": GRAPHS[1], **io}}
+
+
+def _export_decoder(model, out: Path) -> dict:
+    module = _Decoder(model)
+    text = model.config.text_config
+    dtype = next(model.parameters()).dtype
+    heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    batch, past, seq = 2, 3, 7  # no 0 or 1: those sizes would be specialised
+    embeds = torch.randn(batch, seq, text.hidden_size, dtype=dtype)
+    attention = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq).expand(batch, -1).contiguous()
+    text_index = torch.tensor([[0, 1, 4, 5, 6], [0, 3, 4, 6, 6]])
+    caches = [torch.randn(batch, heads, past, head_dim, dtype=dtype) for _ in range(2 * module.num_layers)]
+    names = [f"past_key_values.{i}.{kv}" for i in range(module.num_layers) for kv in ("key", "value")]
+    presents = [n.replace("past_key_values", "present") for n in names]
+    d = torch.export.Dim.DYNAMIC
+    shapes = (
+        {0: d, 1: d},
+        {0: d, 1: d},
+        {0: d, 1: d},
+        {0: d, 1: d},
+        tuple({0: d, 2: d} for _ in caches),
+    )
+    _export(
+        module,
+        (embeds, attention, positions, text_index, *caches),
+        out / GRAPHS[2],
+        ["inputs_embeds", "attention_mask", "position_ids", "text_index", *names],
+        ["logits", "last_hidden_state", *presents],
+        shapes,
+        {
+            "inputs_embeds": {0: "batch", 1: "seq"},
+            "attention_mask": {1: "total"},
+            "text_index": {1: "text"},
+            **{n: {2: "past"} for n in names},
+        },
+    )
+    name = _name(dtype)
+    kv = {"shape": ["batch", heads, "past", head_dim], "dtype": name}
+    present = {"shape": ["batch", heads, "past + seq", head_dim], "dtype": name}
+    inputs = {
+        "inputs_embeds": {"shape": ["batch", "seq", text.hidden_size], "dtype": name},
+        "attention_mask": {"shape": ["batch", "past + seq"], "dtype": "int64", "doc": "1 = attend, 0 = padding"},
+        "position_ids": {"shape": ["batch", "seq"], "dtype": "int64", "doc": "cumsum(attention_mask) - 1"},
+        "text_index": {
+            "shape": ["batch", "text"],
+            "dtype": "int64",
+            "doc": "positions (0..seq-1) of each row's non-image tokens in order; a row with fewer repeats its "
+            "last one. Frozen layers compute queries, O and the MLP for these rows only. Decode: arange(seq).",
+        },
+        **{n: dict(kv) for n in names},
+    }
+    outputs = {
+        "logits": {"shape": ["batch", 1, text.vocab_size], "dtype": name, "doc": "last position only"},
+        "last_hidden_state": {"shape": ["batch", "seq", text.hidden_size], "dtype": name, "doc": "after the norm"},
+        **{n: dict(present) for n in presents},
+    }
+    return {"decoder": {"file": GRAPHS[2], "inputs": inputs, "outputs": outputs}}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]

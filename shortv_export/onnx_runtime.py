@@ -1,0 +1,234 @@
+"""Run an exported ShortV checkpoint with ONNX Runtime: numpy and onnxruntime (or onnxruntime-gpu) only.
+
+    from transformers import AutoProcessor
+    from shortv_export.onnx_runtime import ShortVOnnxModel
+
+    model = ShortVOnnxModel.from_pretrained("llava-1.5-7b-hf-shortv-n19", provider="cuda")
+    processor = AutoProcessor.from_pretrained("llava-1.5-7b-hf-shortv-n19")
+    inputs = processor(images=image, text=prompt, return_tensors="np")
+    ids = model.generate(**inputs, max_new_tokens=32)        # prompt + new tokens, like HF generate (greedy)
+
+The graphs and their inputs are documented in ``onnx/shortv_onnx.json`` (see `shortv_export.onnx_export`).
+This module must not import torch: deployments that use it may not have it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SPEC_FILE = "shortv_onnx.json"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+_NUMPY = {"float32": np.float32, "float16": np.float16}
+
+
+class ShortVOnnxModel:
+    """The three ShortV graphs of one export, plus the LLaVA glue around them (image placement, anyres packing,
+    positions, the text-row index, the KV cache and greedy decoding)."""
+
+    def __init__(self, folder: Path, spec: dict, sessions: dict, generation: dict):
+        self.folder = folder
+        self.spec = spec
+        self.vision, self.embed, self.decoder = sessions["vision"], sessions["embed"], sessions["decoder"]
+        self.dtype = _NUMPY[spec["dtype"]]
+        self.image_token_id = spec["image_token_id"]
+        self.eos_token_id = generation.get("eos_token_id")
+        self.pad_token_id = generation.get("pad_token_id")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, provider: str | list = "cpu", session_options=None):
+        """Load ``folder`` (a checkpoint with ``onnx/``, or the ``onnx`` folder itself). ``provider``: "cpu",
+        "cuda", "tensorrt", an ONNX Runtime provider name, or a list of them (tried in order)."""
+        import onnxruntime as ort
+
+        folder = Path(folder)
+        onnx_dir = folder / "onnx" if (folder / "onnx" / SPEC_FILE).exists() else folder
+        if not (onnx_dir / SPEC_FILE).exists():
+            raise FileNotFoundError(f"no ONNX export in {folder}: expected onnx/{SPEC_FILE} (export with --onnx)")
+        spec = json.loads((onnx_dir / SPEC_FILE).read_text())
+        wanted = [provider] if isinstance(provider, str) else list(provider)
+        providers = [PROVIDERS.get(p.lower(), p) if isinstance(p, str) else p for p in wanted]
+        available = ort.get_available_providers()
+        missing = [p for p in providers if (p if isinstance(p, str) else p[0]) not in available]
+        if missing:
+            raise ValueError(
+                f"ONNX Runtime provider {missing[0]} is not available here (available: {', '.join(available)}); "
+                "install onnxruntime-gpu for CUDA"
+            )
+        sessions = {
+            key: ort.InferenceSession(str(onnx_dir / spec[name]["file"]), session_options, providers=providers)
+            for key, name in (("vision", "vision_encoder"), ("embed", "embed_tokens"), ("decoder", "decoder"))
+        }
+        generation = {}
+        for candidate in (onnx_dir / "generation_config.json", onnx_dir.parent / "generation_config.json"):
+            if candidate.exists():
+                generation = json.loads(candidate.read_text())
+                break
+        return cls(onnx_dir, spec, sessions, generation)
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+
+    def image_features(self, pixel_values, image_sizes=None) -> list[np.ndarray]:
+        """One [tokens, hidden] array per image, in the order the image tokens appear."""
+        pixel_values = np.asarray(pixel_values, dtype=self.dtype)
+        if self.spec["model_type"] != "llava_next":
+            (features,) = self.vision.run(None, {"pixel_values": pixel_values})
+            return list(features)
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs image_sizes (the processor returns them)")
+        image_sizes = np.asarray(image_sizes).tolist()
+        grid, tile = self.spec["image_grid_pinpoints"], self.spec["vision_image_size"]
+        counts = [image_size_to_num_patches(size, grid, tile) for size in image_sizes]
+        if pixel_values.ndim == 5:  # [images, max tiles, 3, H, W], padded: keep each image's own tiles
+            pixel_values = np.concatenate([pix[:n] for pix, n in zip(pixel_values, counts, strict=True)])
+        features, newline = self.vision.run(None, {"pixel_values": pixel_values})
+        starts = np.cumsum([0] + counts)
+        side = tile // self.spec["vision_patch_size"]
+        return [
+            pack_anyres(features[a:b], size, grid, tile, side, newline)
+            for a, b, size in zip(starts[:-1], starts[1:], image_sizes, strict=True)
+        ]
+
+    def prefill_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None) -> dict:
+        """The decoder's feeds for a prompt batch (empty cache)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        (embeds,) = self.embed.run(None, {"input_ids": input_ids})
+        visual = input_ids == self.image_token_id
+        if pixel_values is not None:
+            features = self.image_features(pixel_values, image_sizes)
+            features = np.concatenate(features) if features else np.zeros((0, embeds.shape[-1]), self.dtype)
+            if len(features) != int(visual.sum()):
+                raise ValueError(f"image tokens: {int(visual.sum())}, image features: {len(features)}")
+            embeds[visual] = features  # row-major order, like masked_scatter
+        elif visual.any():
+            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        batch = input_ids.shape[0]
+        position_ids = np.where(attention_mask == 0, 0, np.cumsum(attention_mask, axis=1) - 1)
+        return {
+            "inputs_embeds": embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids.astype(np.int64),
+            "text_index": text_index(visual),
+            **self.empty_cache(batch),
+        }
+
+    def empty_cache(self, batch: int) -> dict:
+        spec = self.spec
+        shape = (batch, spec["num_key_value_heads"], 0, spec["head_dim"])
+        empty = np.zeros(shape, self.dtype)
+        return {f"past_key_values.{i}.{kv}": empty for i in range(spec["num_layers"]) for kv in ("key", "value")}
+
+    def decode(self, feeds: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+        """One decoder call: (logits of the last position [B, V], last hidden states, the next cache feeds)."""
+        outputs = self.decoder.run(None, feeds)
+        names = [o.name for o in self.decoder.get_outputs()]
+        cache = {
+            name.replace("present", "past_key_values"): value
+            for name, value in zip(names, outputs, strict=True)
+            if name.startswith("present.")
+        }
+        return outputs[0][:, -1], outputs[1], cache
+
+    # -- generation ------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        max_new_tokens: int = 20,
+        image_sizes=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **_,
+    ) -> np.ndarray:
+        """Greedy decoding; returns [batch, prompt + new] token ids (finished rows padded), like HF generate."""
+        feeds = self.prefill_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = feeds["attention_mask"]
+        eos = eos_token_id if eos_token_id is not None else self.eos_token_id
+        eos = np.array([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=np.int64)
+        pad = pad_token_id if pad_token_id is not None else self.pad_token_id
+        pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
+        unfinished = np.ones(len(ids), dtype=bool)
+        positions = feeds["position_ids"][:, -1:]
+        for _ in range(max_new_tokens):
+            logits, _, cache = self.decode(feeds)
+            token = np.where(unfinished, logits.argmax(-1), pad)
+            ids = np.concatenate([ids, token[:, None]], axis=1)
+            unfinished &= ~np.isin(token, eos)
+            if not unfinished.any():
+                break
+            mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
+            positions = positions + 1
+            (embeds,) = self.embed.run(None, {"input_ids": token[:, None]})
+            feeds = {
+                "inputs_embeds": embeds,
+                "attention_mask": mask,
+                "position_ids": positions,
+                "text_index": np.zeros((len(ids), 1), np.int64),
+                **cache,
+            }
+        return ids
+
+
+def text_index(visual: np.ndarray) -> np.ndarray:
+    """[B, T]: each row's non-visual positions in order, short rows repeating their last one."""
+    rows = [np.flatnonzero(~row) for row in visual]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a row holds only image tokens; ShortV needs at least one text token per row")
+    width = max(len(r) for r in rows)
+    return np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows]).astype(np.int64)
+
+
+# -- LLaVA-NeXT anyres, as transformers' modeling_llava_next does it, in numpy ----------------------------------
+
+
+def select_best_resolution(original_size, possible_resolutions):
+    original_height, original_width = original_size
+    best_fit, best_effective, best_wasted = None, 0, float("inf")
+    for height, width in possible_resolutions:
+        scale = min(width / original_width, height / original_height)
+        down_w, down_h = int(original_width * scale), int(original_height * scale)
+        effective = min(down_w * down_h, original_width * original_height)
+        wasted = width * height - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best_fit, best_effective, best_wasted = (height, width), effective, wasted
+    return best_fit
+
+
+def image_size_to_num_patches(image_size, grid_pinpoints, tile: int) -> int:
+    height, width = select_best_resolution(image_size, grid_pinpoints)
+    return -(-height // tile) * -(-width // tile) + 1
+
+
+def unpad(features: np.ndarray, original_size) -> np.ndarray:
+    """[D, H, W] features of the padded tiles -> the part that covers the original image."""
+    original_height, original_width = original_size
+    height, width = features.shape[1:]
+    if original_width / original_height > width / height:
+        new_height = int(round(original_height * (width / original_width), 7))
+        padding = (height - new_height) // 2
+        return features[:, padding : height - padding, :]
+    new_width = int(round(original_width * (height / original_height), 7))
+    padding = (width - new_width) // 2
+    return features[:, :, padding : width - padding]
+
+
+def pack_anyres(features, image_size, grid_pinpoints, tile, side, newline) -> np.ndarray:
+    """One image's tile features [tiles, side*side, D] -> its token features (base tile, then the unpadded
+    grid with a newline embedding at the end of every row)."""
+    if len(features) == 1:
+        return np.concatenate([features[0], newline[None]])
+    base, tiles = features[0], features[1:]
+    best_height, best_width = select_best_resolution(image_size, grid_pinpoints)
+    rows, cols = best_height // tile, best_width // tile
+    grid = tiles.reshape(rows, cols, side, side, -1).transpose(4, 0, 2, 1, 3)
+    grid = grid.reshape(grid.shape[0], rows * side, cols * side)
+    grid = unpad(grid, image_size)
+    ends = np.broadcast_to(newline[:, None, None], (*grid.shape[:-1], 1))
+    grid = np.concatenate([grid, ends], axis=-1)
+    return np.concatenate([base, grid.reshape(grid.shape[0], -1).T])

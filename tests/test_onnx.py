@@ -1,0 +1,262 @@
+"""ONNX export and the ONNX Runtime runner against the PyTorch ShortV model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import cache
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import batch, image, tiny_dir
+from transformers import AutoProcessor
+
+from shortv_export.cli import main
+from shortv_export.models import load_shortv
+from shortv_export.onnx_export import export_onnx
+from shortv_export.onnx_runtime import ShortVOnnxModel, text_index
+from shortv_export.onnx_validate import torch_prefill
+
+FROZEN = [4, 1, 3]
+_DIRS = {}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(checkpoint folder with onnx/, in-process ShortV model) per kind, exported once per module."""
+
+    @cache
+    def make(kind: str, dtype: str = "fp32"):
+        out = tmp_path_factory.mktemp(f"onnx-{kind}-{dtype}") / "ckpt"
+        result = CliRunner().invoke(
+            main, [str(tiny_dir(kind)), "--layers", ",".join(map(str, FROZEN)), "--out", str(out), "-q"]
+        )
+        assert result.exit_code == 0, result.output
+        report = export_onnx(out, dtype=dtype, progress=False)
+        model = load_shortv(tiny_dir(kind), FROZEN, attn_implementation="sdpa").eval()
+        return out, model, report
+
+    return make
+
+
+def _rows(kind):
+    if kind == "llava_next":  # non-square, different sizes: different image-token counts per row
+        return [("what is in the picture on the left side", [image(50, 23, 1)]), ("colour?", [image(19, 44, 2)])]
+    return [("what is in the picture on the left side", [image(30, 30, 1)]), ("colour?", [image(40, 20, 2)])]
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_prefill_matches_pytorch(exported, kind):
+    out, model, report = exported(kind)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = batch(processor, _rows(kind))
+    runner = ShortVOnnxModel.from_pretrained(out)
+    ref_logits, ref_hidden = torch_prefill(model, inputs)
+    logits, hidden, _ = runner.decode(runner.prefill_inputs(**{k: v.numpy() for k, v in inputs.items()}))
+    valid = inputs["attention_mask"].numpy().astype(bool)
+    scale = np.abs(ref_logits).max()
+    assert np.abs(logits - ref_logits).max() <= 1e-4 * scale
+    assert np.abs(hidden - ref_hidden)[valid].max() <= 1e-4 * np.abs(ref_hidden).max()
+    visual = inputs["input_ids"].numpy() == model.config.image_token_id
+    if kind == "llava_next":
+        assert len(set(visual.sum(1))) == 2  # the rows really differ in image tokens
+    # The export's own validation ran and passed.
+    assert report.validation["max_abs_logits_diff"] <= report.validation["tolerance"]
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_greedy_generation_matches_pytorch(exported, kind):
+    out, model, _ = exported(kind)
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = batch(processor, _rows(kind))
+    assert (inputs["attention_mask"] == 0).any()  # a padded batch
+    runner = ShortVOnnxModel.from_pretrained(out, provider="cpu")
+    # No early stop: every row decodes its 20 tokens in both.
+    expected = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=None, min_new_tokens=20)
+    got = runner.generate(**{k: v.numpy() for k, v in inputs.items()}, max_new_tokens=20, eos_token_id=[])
+    assert got.shape == tuple(expected.shape) == (2, inputs["input_ids"].shape[1] + 20)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+def test_greedy_stops_at_eos_like_hf(exported):
+    out, model, _ = exported("llava")
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = batch(processor, _rows("llava"))
+    runner = ShortVOnnxModel.from_pretrained(out)
+    free = runner.generate(**{k: v.numpy() for k, v in inputs.items()}, max_new_tokens=8, eos_token_id=[])
+    eos = int(free[0, inputs["input_ids"].shape[1] + 2])  # row 0's third new token plays EOS
+    expected = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    got = runner.generate(**arrays, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(got, expected.numpy())
+
+
+def _scope(node) -> str:
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            return eval(prop.value)[-2]  # the module path of the Linear, e.g. 'lm.layers.4.mlp.up_proj'
+    return ""
+
+
+def test_frozen_layers_gather_text_rows_in_the_graph(exported, tmp_path):
+    """Run the exported decoder with every projection MatMul's activation exposed: in frozen layers Q, O and
+    the MLP see the text rows only, K and V all rows; dense layers see all rows everywhere."""
+    out, model, _ = exported("llava")
+    graph_model = onnx.load(out / "onnx" / "decoder_model_merged.onnx")
+    probes = {}
+    for node in graph_model.graph.node:
+        scope = _scope(node)
+        if node.op_type == "MatMul" and ".layers." in scope and scope.endswith("_proj"):
+            probes[scope] = node.input[0]
+            graph_model.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.input[0]))
+    assert len(probes) == 7 * 6
+    onnx.save(graph_model, tmp_path / "probe.onnx")
+
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = batch(processor, _rows("llava"))
+    runner = ShortVOnnxModel.from_pretrained(out)
+    feeds = runner.prefill_inputs(**{k: v.numpy() for k, v in inputs.items()})
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "probe.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feeds), strict=True))
+    seq, n_text = feeds["inputs_embeds"].shape[1], feeds["text_index"].shape[1]
+    assert n_text < seq / 2
+    for scope, name in probes.items():
+        layer = int(scope.split(".")[2])
+        rows = values[name].reshape(2, -1, values[name].shape[-1]).shape[1]
+        all_rows = any(p in scope for p in ("k_proj", "v_proj")) or layer not in FROZEN
+        assert rows == (seq if all_rows else n_text), scope
+
+
+def test_graphs_are_documented_and_dynamic(exported):
+    out, model, _ = exported("llava")
+    spec = json.loads((out / "onnx" / "shortv_onnx.json").read_text())
+    assert spec["shortv_layers"] == FROZEN and spec["dtype"] == "float32"
+    for key in ("vision_encoder", "embed_tokens", "decoder"):
+        graph = onnx.load(out / "onnx" / spec[key]["file"], load_external_data=False).graph
+        assert [i.name for i in graph.input] == list(spec[key]["inputs"])
+        assert [o.name for o in graph.output] == list(spec[key]["outputs"])
+    graph = onnx.load(out / "onnx" / "decoder_model_merged.onnx", load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["inputs_embeds"][:2] == ["batch", "seq"]
+    assert dims["attention_mask"] == ["batch", "total"]
+    assert dims["text_index"] == ["batch", "text"]
+    assert dims["past_key_values.5.value"][0::2] == ["batch", "past"]
+    # No local source paths in the published graph.
+    assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in graph.node for p in n.metadata_props)
+
+
+def test_text_index_pads_rows_with_their_last_text_position():
+    visual = np.array([[0, 1, 1, 0, 0], [1, 1, 1, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(text_index(visual), [[0, 3, 4], [3, 4, 4]])
+    with pytest.raises(ValueError, match="only image tokens"):
+        text_index(np.ones((1, 3), dtype=bool))
+
+
+def test_fp16_export(exported):
+    out, model, report = exported("llava", "fp16")
+    graph = onnx.load(out / "onnx" / "decoder_model_merged.onnx", load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert json.loads((out / "onnx" / "shortv_onnx.json").read_text())["dtype"] == "float16"
+    # Validated against the fp16 PyTorch model on ONNX Runtime CPU.
+    assert report.validation["max_abs_logits_diff"] <= report.validation["tolerance"]
+
+
+def test_runner_needs_no_torch(exported, tmp_path):
+    out, model, _ = exported("llava")
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = batch(processor, _rows("llava"))
+    np.savez(tmp_path / "inputs.npz", **{k: v.numpy() for k, v in inputs.items()})
+    expected = ShortVOnnxModel.from_pretrained(out).generate(**{k: v.numpy() for k, v in inputs.items()})
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" or name.startswith("torch.") or name == "transformers":
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from shortv_export.onnx_runtime import ShortVOnnxModel
+inputs = dict(np.load({str(tmp_path / "inputs.npz")!r}))
+ids = ShortVOnnxModel.from_pretrained({str(out)!r}).generate(**inputs)
+np.save({str(tmp_path / "ids.npy")!r}, ids)
+assert "torch" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), expected)
+
+
+def test_unknown_provider_is_a_clear_error(exported):
+    out, _, _ = exported("llava")
+    with pytest.raises(ValueError, match="not available here"):
+        ShortVOnnxModel.from_pretrained(out, provider="cuda")
+    with pytest.raises(FileNotFoundError, match="--onnx"):
+        ShortVOnnxModel.from_pretrained(tiny_dir("llava"))
+
+
+def test_cli_exports_and_answers(tmp_path):
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "2,0", "--onnx", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "ONNX Runtime vs PyTorch" in result.output and "tolerance" in result.output
+    assert {p.name for p in (out / "onnx").iterdir()} >= {
+        "vision_encoder.onnx",
+        "embed_tokens.onnx",
+        "decoder_model_merged.onnx",
+        "shortv_onnx.json",
+    }
+    image(32, 24).save(tmp_path / "img.png")
+    answer = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shortv_export.onnx_cli",
+            str(out),
+            "--image",
+            str(tmp_path / "img.png"),
+            "--prompt",
+            "what colour is it",
+            "--max-new-tokens",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert answer.returncode == 0, answer.stderr
+    # The answer is what the PyTorch checkpoint says.
+    model = load_shortv(tiny_dir("llava"), [2, 0]).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    from PIL import Image
+
+    from shortv_export.data import format_prompt
+
+    inputs = processor(
+        images=[Image.open(tmp_path / "img.png").convert("RGB")],
+        text=[format_prompt(processor, "what colour is it")],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    expected = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    assert answer.stdout.strip() == expected
+
+
+def test_export_failure_leaves_no_output(tmp_path, monkeypatch):
+    import shortv_export.onnx_export as onnx_export
+
+    def boom(*a, **k):
+        raise onnx_export.ShortVError("ONNX export of decoder_model_merged.onnx failed: boom")
+
+    monkeypatch.setattr(onnx_export, "_export_decoder", boom)
+    out = tmp_path / "ckpt"
+    result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "2,0", "--onnx", "--out", str(out), "-q"])
+    assert result.exit_code == 2
+    assert "boom" in result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
