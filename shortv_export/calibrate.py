@@ -229,6 +229,13 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q.to(log_p.device))).sum(-1)
 
 
+def kl_and_top1(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(P || P_ref) over rows and the share of rows whose argmax agrees, from last-position logits."""
+    log_p, log_q = logits.double().log_softmax(-1), reference_logits.double().log_softmax(-1)
+    kl = float(_kl(log_p, log_q).mean())
+    return kl, float((logits.argmax(-1) == reference_logits.argmax(-1)).double().mean())
+
+
 def _batches(calib: CalibrationSet, batch_size: int):
     for start in range(0, len(calib.samples), batch_size):
         yield calib.samples[start : start + batch_size]

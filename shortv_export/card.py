@@ -17,8 +17,12 @@ def model_card(
     fidelity: dict[str, Any] | None = None,
     has_plot: bool = False,
     license: str | None = None,
+    repo: str = "REPO",
+    verification: dict[str, Any] | None = None,
+    onnx: bool = False,
 ) -> str:
-    """A Hub model card: YAML metadata, usage, the frozen layers, FLOPs and the command that made it."""
+    """A Hub model card: YAML metadata, usage (transformers, ONNX Runtime), the frozen layers, the LC plot, FLOPs,
+    the verification figures and the command that made it. ``repo``: the Hub id (or folder) the usage loads."""
     base = source.repo_id or source.name
     n, total = len(layers), source.num_layers
     meta = [
@@ -47,14 +51,15 @@ def model_card(
         "## Usage",
         "",
         "```python",
+        "from PIL import Image",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
         "",
-        'repo = "REPO"  # this repository, or the folder it was written to',
+        f"repo = {repo!r}",
         "model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)",
-        "processor = AutoProcessor.from_pretrained(repo)",
+        "processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)",
         'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
-        "# image = PIL.Image.open(...)",
+        'image = Image.open("photo.jpg")  # any image',
         'inputs = processor(images=image, text=prompt, return_tensors="pt")',
         "print(processor.decode(model.generate(**inputs, max_new_tokens=30)[0], skip_special_tokens=True))",
         "```",
@@ -62,6 +67,7 @@ def model_card(
         '`AutoModel`, `pipeline("image-text-to-text")`, batches with padding, bf16/fp16, eager and SDPA '
         'attention and `device_map="auto"` work as with the base model. `trust_remote_code=True` is required.',
         "",
+        *(_onnx_usage(repo) if onnx else []),
         "## Frozen layers",
         "",
         f"`shortv_layers` = {layers} (lowest Layer Contribution first).",
@@ -83,6 +89,7 @@ def model_card(
         f"vanilla, {flops['shortv_tflops']:.2f} TFLOPs ShortV, ratio {flops['ratio']:.3f} "
         f"(ideal prefill speed-up {flops['ideal_speedup']:.2f}x).",
         "",
+        *(_verification(verification) if verification else []),
         "## Reproduce",
         "",
         "```bash",
@@ -94,3 +101,49 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _onnx_usage(repo: str) -> list[str]:
+    return [
+        "### ONNX Runtime",
+        "",
+        "`onnx/` holds the vision encoder, the token embedding and the decoder with the frozen layers' text-only "
+        "branch in the graph; `onnx/shortv_onnx.json` documents every input and output. With "
+        "`pip install shortv-export[onnx]` (or `[gpu]` for onnxruntime-gpu):",
+        "",
+        "```python",
+        "from shortv_export.onnx_runtime import ShortVOnnxModel  # numpy + onnxruntime only",
+        "",
+        f'model = ShortVOnnxModel.from_pretrained({repo!r}, provider="cpu")  # a local copy of this repo',
+        'inputs = processor(images=image, text=prompt, return_tensors="np")',
+        "print(processor.decode(model.generate(**inputs, max_new_tokens=30)[0], skip_special_tokens=True))",
+        "```",
+        "",
+    ]
+
+
+def _verification(v: dict[str, Any]) -> list[str]:
+    return [
+        "## Verification",
+        "",
+        f"Before publishing, this folder was reloaded in a fresh process with `transformers` alone "
+        f"(`{v['class']}`, trust_remote_code) and run on {v['samples']} calibration prompts: its logits match the "
+        f"in-process ShortV model within {v['max_abs_logits_diff_vs_in_process']:.2g} (tolerance "
+        f"{v['tolerance']:.2g}), no weight is missing or unexpected, and against the base model the mean KL of "
+        f"the next-token distribution is {v['mean_kl_vs_base']:.4g} with {v['top1_agreement_vs_base']:.0%} top-1 "
+        "agreement.",
+        "",
+    ]
+
+
+def base_license(source: Source) -> str | None:
+    """The base model card's ``license`` (YAML metadata), if its README.md is there."""
+    card = source.path / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(card).data.license
+    except Exception:  # a malformed base card must not stop the conversion
+        return None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .card import model_card
+from .card import base_license, model_card
 from .errors import ShortVError
 from .flops import flops_summary
 from .load import Source, resolve_model
@@ -68,7 +68,19 @@ def default_visual_tokens(source: Source) -> int:
 @click.option(
     "--onnx-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="ONNX weight dtype."
 )
-@click.option("--revision", help="Hub revision of MODEL (branch, tag or commit).")
+@click.option("--model-revision", help="Hub revision of MODEL (branch, tag or commit).")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Reload the written folder in a fresh process, as a user would, and check it (always before --push).",
+)
+@click.option("--push", is_flag=True, help="Upload the folder to the Hub (token: HF_TOKEN or `hf auth login`).")
+@click.option("--repo-id", help="Hub repo to push to [default: <your user>/<output folder name>].")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private.")
+@click.option("--revision", help="Branch to push to (created if missing) [default: main].")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--commit-message", help="Commit message for --push.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, the FLOPs ratio and the files; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the result.")
 def main(model, **options):
@@ -84,14 +96,43 @@ def main(model, **options):
 
 
 def run(
-    model, *, n, target_flops, layers_spec, out, overwrite, revision, dry_run, quiet, onnx, onnx_dtype, **calibration
+    model,
+    *,
+    n,
+    target_flops,
+    layers_spec,
+    out,
+    overwrite,
+    model_revision,
+    dry_run,
+    quiet,
+    onnx,
+    onnx_dtype,
+    verify,
+    push,
+    repo_id,
+    private,
+    revision,
+    create_pr,
+    commit_message,
+    **calibration,
 ):
     """The pipeline. ``calibration``: the calibration options (calib, samples, seed, image_column, prompt_column,
     modality, batch_size, device, dtype, device_map), handed to `_calibrate` as they are."""
     from .calibrate import LCResult
 
     say = (lambda *a, **k: None) if quiet else click.echo
-    source = resolve_model(model, revision=revision, config_only=dry_run)
+    if quiet:  # the libraries' own bars (weights loading, uploads) too
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bars()
+        disable_progress_bar()
+    if (repo_id or private or revision or create_pr or commit_message) and not push:
+        raise ShortVError("--repo-id/--private/--revision/--create-pr/--commit-message only apply with --push")
+    if create_pr and revision not in (None, "main"):
+        raise ShortVError("--create-pr opens a pull request against main: drop --revision (or --create-pr)")
+    source = resolve_model(model, revision=model_revision, config_only=dry_run)
     total = source.num_layers
     if layers_spec is not None and (n is not None or target_flops is not None):
         raise ShortVError("--layers gives the layers itself; drop --n / --target-flops")
@@ -142,9 +183,15 @@ def run(
     extra = {}
     if lc is not None:
         extra["lc.json"] = lc.to_json().encode()
-    extra["README.md"] = model_card(
-        source, layers, flops, command, fidelity=lc.fidelity if lc else None, has_plot=lc is not None
-    ).encode()
+    license = base_license(source)
+
+    def card(repo: str, verification: dict | None = None) -> bytes:
+        fidelity = lc.fidelity if lc else None
+        return model_card(
+            source, layers, flops, command, fidelity, lc is not None, license, repo, verification, onnx
+        ).encode()
+
+    extra["README.md"] = card(str(out))
 
     say(f"frozen for visual tokens: {len(layers)} layers {layers}")
     say(
@@ -166,6 +213,43 @@ def run(
     finalize = (lambda folder: _export_onnx(folder, onnx_dtype, say, quiet)) if onnx else None
     path = write_checkpoint(source, layers, out, overwrite=overwrite, extra=extra, progress=progress, finalize=finalize)
     click.echo(f"wrote {path}")
+    if not (verify or push):
+        return
+    from .publish import Publisher
+    from .verify import verify_folder
+
+    # Token and offline mode are checked before the (slower) verification.
+    publisher = (
+        Publisher(path, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr) if push else None
+    )
+    say("verifying: reloading the folder in a fresh process with transformers alone")
+    try:
+        figures = verify_folder(path, source.path, layers)
+    except ShortVError as err:
+        raise ShortVError(f"{err}. {path} is written but was not pushed" if push else str(err)) from None
+    say(
+        f"verified: reloaded {figures['class']} matches the in-process model (max |logits diff| "
+        f"{figures['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {figures['mean_kl_vs_base']:.4g}, "
+        f"top-1 agreement {figures['top1_agreement_vs_base']:.0%} on {figures['samples']} prompts"
+    )
+    if not push:
+        _replace(path / "README.md", card(str(path), figures))
+        return
+    repo = publisher.resolve_repo_id()
+    _replace(path / "README.md", card(repo, figures))
+    say(f"pushing {path} to {repo}" + (f" ({revision})" if revision else ""))
+    result = publisher.push(commit_message)
+    if result.uploaded:
+        click.echo(f"pushed: {result.url}")
+    else:
+        click.echo(f"{result.repo_id} already holds these files: nothing to upload")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _export_onnx(folder: Path, dtype: str, say, quiet: bool) -> None:

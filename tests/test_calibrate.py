@@ -183,7 +183,7 @@ def test_end_to_end_n3_writes_the_three_lowest_lc_layers_and_is_reproducible(tmp
     base = tmp_path / "base"
     shutil.copytree(tiny_dir("llava", LAYERS), base)
     args = [str(base), "--n", "3", "--samples", "12", "--seed", "0", "--modality", "both", "-q"]
-    first = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a")])
+    first = CliRunner().invoke(main, [*args, "--no-verify", "--out", str(tmp_path / "a")])
     assert first.exit_code == 0, first.output
     lc = json.loads((tmp_path / "a" / "lc.json").read_text())
     config = json.loads((tmp_path / "a" / "config.json").read_text())
@@ -194,12 +194,12 @@ def test_end_to_end_n3_writes_the_three_lowest_lc_layers_and_is_reproducible(tmp
     assert lc["fidelity"]["layers"] == lc["order"][:3] and 0 <= lc["fidelity"]["top1_agreement"] <= 1
     assert (tmp_path / "a" / "lc.png").read_bytes()[:4] == b"\x89PNG"
 
-    second = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b")])
+    second = CliRunner().invoke(main, [*args, "--no-verify", "--out", str(tmp_path / "b")])
     assert second.exit_code == 0
     assert (tmp_path / "a" / "lc.json").read_bytes() == (tmp_path / "b" / "lc.json").read_bytes()
 
     # a re-run into the same folder reuses lc.json instead of recalibrating
-    again = CliRunner().invoke(main, [*args[:-1], "--out", str(tmp_path / "a"), "--overwrite"])
+    again = CliRunner().invoke(main, [*args[:-1], "--no-verify", "--out", str(tmp_path / "a"), "--overwrite"])
     assert again.exit_code == 0 and "reusing LC" in again.output and "calibrating LC on" not in again.output
     assert (tmp_path / "a" / "lc.json").read_bytes() == (tmp_path / "b" / "lc.json").read_bytes()
 

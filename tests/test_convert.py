@@ -21,7 +21,7 @@ from shortv_export.select import PAPER_LAYERS
 
 
 def cli(*args: str, env: dict | None = None):
-    return CliRunner(env=env).invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return CliRunner(env=env).invoke(main, [*map(str, args), "--no-verify"], catch_exceptions=False)
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -224,7 +224,7 @@ def test_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(write, "_link_or_copy", interrupt)
     base = copy_of("llava", tmp_path)
-    result = CliRunner().invoke(main, [str(base), "--layers", "1", "--out", str(tmp_path / "out"), "-q"])
+    result = CliRunner().invoke(main, [str(base), "--layers", "1", "--out", str(tmp_path / "out"), "-q", "--no-verify"])
     assert calls and result.exit_code == 130
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.partial-*"))
