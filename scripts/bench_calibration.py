@@ -51,7 +51,7 @@ def brute_force(model, processor, calib, batch_size: int) -> tuple[list[float], 
             forwards += len(layers)
             for i, layer in enumerate(layers):
 
-                def reset(_m, args, kwargs, output):
+                def reset(_m, args, kwargs, output, visual=visual):
                     hidden_in = args[0] if args else kwargs["hidden_states"]
                     return torch.where(visual, hidden_in, output)
 
@@ -130,8 +130,10 @@ def main(argv=None):
                     f"| {name} | {batch} | {r['seconds']:.2f} | {r['forwards']} | {r['peak_rss_mib']:.0f} | {gpu} | "
                     f"{diff:.1e} |"
                 )
-            print(f"| speed-up | {batch} | {brute['seconds'] / fast['seconds']:.2f}x | "
-                  f"{fast['forwards'] / brute['forwards']:.2f} | | | |")
+            print(
+                f"| speed-up | {batch} | {brute['seconds'] / fast['seconds']:.2f}x | "
+                f"{fast['forwards'] / brute['forwards']:.2f} | | | |"
+            )
 
 
 if __name__ == "__main__":

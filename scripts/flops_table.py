@@ -1,6 +1,6 @@
 """The README's prefill FLOPs table: vanilla vs ShortV with the published layer lists (method.md section 4).
 
-    python scripts/flops_table.py [--text-tokens 64]
+python scripts/flops_table.py [--text-tokens 64]
 """
 
 from __future__ import annotations

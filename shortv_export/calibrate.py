@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .data import CalibrationSet, format_prompt
+from .data import CalibrationSet, prompt_batch
 from .errors import ShortVError
 from .load import Source
 
@@ -125,17 +125,7 @@ class _Batch:
         self.layer_forwards = 0  # decoder-layer forwards run for this batch, original run included
         lm = model.model.language_model
         self.layers = list(lm.layers)
-        tok = processor.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"  # the last position is every row's last prompt token
-        try:
-            inputs = processor(
-                images=[s.load_image() for s in samples],
-                text=[format_prompt(processor, s.prompt) for s in samples],
-                return_tensors="pt",
-                padding=True,
-            )
-        finally:
-            tok.padding_side = side
+        inputs = prompt_batch(processor, samples)  # left-padded: the last position ends every prompt
         first = next(model.parameters()).device
         inputs = {k: v.to(first) for k, v in inputs.items()}
         ids, attention = inputs["input_ids"], inputs["attention_mask"]

@@ -140,3 +140,21 @@ def format_prompt(processor, prompt: str) -> str:
         stacklevel=2,
     )
     return FALLBACK_TEMPLATE.format(prompt=prompt)
+
+
+def prompt_batch(processor, samples: list[Sample]) -> dict:
+    """Processor inputs (torch) for ``samples``, left-padded so the last position is every row's last prompt
+    token, each prompt in the chat template with its own image."""
+    tok = processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        return dict(
+            processor(
+                images=[s.load_image() for s in samples],
+                text=[format_prompt(processor, s.prompt) for s in samples],
+                return_tensors="pt",
+                padding=True,
+            )
+        )
+    finally:
+        tok.padding_side = side

@@ -15,22 +15,9 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 
 def sample_inputs(processor, n: int = 2) -> dict:
     """A left-padded batch of ``n`` embedded calibration samples (different prompt lengths, image sizes)."""
-    from .data import format_prompt, load_calibration
+    from .data import load_calibration, prompt_batch
 
-    samples = load_calibration(None).samples[:: max(1, 40 // n)][:n]
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        return dict(
-            processor(
-                images=[s.load_image() for s in samples],
-                text=[format_prompt(processor, s.prompt) for s in samples],
-                return_tensors="pt",
-                padding=True,
-            )
-        )
-    finally:
-        tok.padding_side = side
+    return prompt_batch(processor, load_calibration(None).samples[:: max(1, 40 // n)][:n])
 
 
 @torch.no_grad()

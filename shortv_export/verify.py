@@ -45,25 +45,13 @@ def verify_folder(folder: str | Path, base: str | Path, layers: list[int], sampl
     from transformers import AutoProcessor
 
     from .calibrate import kl_and_top1
-    from .data import format_prompt, load_calibration
+    from .data import load_calibration, prompt_batch
     from .models import load_shortv
 
     folder = Path(folder)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     chosen = load_calibration(None).samples[:: max(1, 40 // samples)][:samples]
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        inputs = dict(
-            processor(
-                images=[s.load_image() for s in chosen],
-                text=[format_prompt(processor, s.prompt) for s in chosen],
-                return_tensors="pt",
-                padding=True,
-            )
-        )
-    finally:
-        tok.padding_side = side
+    inputs = prompt_batch(processor, chosen)
 
     model = load_shortv(base, layers, dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
