@@ -3,7 +3,7 @@
     pip install easy-vqa
     python scripts/train_tiny_llava.py examples/tiny-llava-easyvqa        # about 25 minutes on 2 CPU cores
 
-CLIP vision tower (64x64 images, 8x8 patches: 64 visual tokens), a 2-layer GELU projector and a 12-layer Llama
+CLIP vision tower (64x64 images, 16x16 patches: 16 visual tokens), a 2-layer GELU projector and a 12-layer Llama
 decoder, with a word-level tokenizer, the chat template ``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` and
 a LlavaProcessor, all saved with save_pretrained so the folder loads like any llava-hf checkpoint. The loss is
 on the answer word and ``</s>``. Data: easy-VQA (Victor Zhou, MIT license), 38,575 train questions on 4,000
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shortv_export.tiny import _SPECIALS, _WORDS, CHAT_TEMPLATE  # noqa: E402
 
-IMAGE_SIZE, PATCH = 64, 8
+IMAGE_SIZE = 64
 
 
 def easy_vqa_split(split: str):
@@ -45,7 +45,7 @@ def easy_vqa_split(split: str):
     return questions, answers, [paths[i] for i in ids]
 
 
-def make_processor():
+def make_processor(patch: int):
     import easy_vqa
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -77,14 +77,14 @@ def make_processor():
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=PATCH,
+        patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
 
 
-def make_model(processor, layers: int, hidden: int, seed: int):
+def make_model(processor, layers: int, hidden: int, patch: int, seed: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tok = processor.tokenizer
@@ -94,7 +94,7 @@ def make_model(processor, layers: int, hidden: int, seed: int):
         num_hidden_layers=3,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=PATCH,
+        patch_size=patch,
         projection_dim=128,
     )
     text = LlamaConfig(
@@ -116,7 +116,7 @@ def make_model(processor, layers: int, hidden: int, seed: int):
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        image_seq_length=(IMAGE_SIZE // patch) ** 2,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -199,22 +199,23 @@ def main(argv=None):
     parser.add_argument("out", type=Path)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--patch", type=int, default=16, help="vision patch size (64x64 images)")
+    parser.add_argument("--epochs", type=float, default=8.0)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-minutes", type=float, default=28.0, help="stop training early past this")
-    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--max-minutes", type=float, help="stop early past this (the run is then machine-dependent)")
+    parser.add_argument("--eval-every", type=int, default=400)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     start = time.time()
 
-    processor = make_processor()
+    processor = make_processor(args.patch)
     train = Encoded(processor, *easy_vqa_split("train"))
     test = Encoded(processor, *easy_vqa_split("test"))
-    model = make_model(processor, args.layers, args.hidden, args.seed)
+    model = make_model(processor, args.layers, args.hidden, args.patch, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters; {len(train)} train, {len(test)} test questions", flush=True)
 
@@ -250,7 +251,7 @@ def main(argv=None):
             acc = accuracy(model, test, probe, processor)
             history.append({"step": step, "loss": loss.item(), "probe_acc": acc, "minutes": round(minutes, 2)})
             print(f"step {step}/{steps}  loss {float(loss):.4f}  probe acc {acc:.3f}  {minutes:.1f} min", flush=True)
-        if minutes > args.max_minutes:
+        if args.max_minutes is not None and minutes > args.max_minutes:
             print(f"stopping at step {step}: {args.max_minutes} minutes", flush=True)
             break
     train_minutes = (time.time() - start) / 60
