@@ -12,6 +12,7 @@ from .card import base_license, model_card
 from .errors import ShortVError
 from .flops import flops_summary
 from .load import Source, resolve_model
+from .publish import check_push_options
 from .select import check_n, default_n, parse_layers, smallest_n_for_flops
 from .write import check_output, plan_files, write_checkpoint
 
@@ -130,8 +131,7 @@ def run(
         disable_progress_bar()
     if (repo_id or private or revision or create_pr or commit_message) and not push:
         raise ShortVError("--repo-id/--private/--revision/--create-pr/--commit-message only apply with --push")
-    if create_pr and revision not in (None, "main"):
-        raise ShortVError("--create-pr opens a pull request against main: drop --revision (or --create-pr)")
+    check_push_options(revision, create_pr)  # before any long work
     source = resolve_model(model, revision=model_revision, config_only=dry_run)
     total = source.num_layers
     if layers_spec is not None and (n is not None or target_flops is not None):

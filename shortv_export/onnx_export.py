@@ -180,7 +180,7 @@ def _runner_config(model, kind) -> dict:
         "shortv_layers": list(model.model.shortv_layers),
         "num_layers": text.num_hidden_layers,
         "num_key_value_heads": text.num_key_value_heads,
-        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "head_dim": _head_dim(text),
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
     }
@@ -286,7 +286,7 @@ def _export_decoder(model, out: Path) -> dict:
     text = model.config.text_config
     dtype = next(model.parameters()).dtype
     heads = text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = _head_dim(text)
     batch, past, seq = 2, 3, 7  # no 0 or 1: those sizes would be specialised
     embeds = torch.randn(batch, seq, text.hidden_size, dtype=dtype)
     attention = torch.ones(batch, past + seq, dtype=torch.long)
@@ -338,6 +338,10 @@ def _export_decoder(model, out: Path) -> dict:
         **{n: dict(present) for n in presents},
     }
     return {"decoder": {"file": GRAPHS[2], "inputs": inputs, "outputs": outputs}}
+
+
+def _head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
 def _name(dtype: torch.dtype) -> str:

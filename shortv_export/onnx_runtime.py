@@ -32,6 +32,7 @@ class ShortVOnnxModel:
         self.folder = folder
         self.spec = spec
         self.vision, self.embed, self.decoder = sessions["vision"], sessions["embed"], sessions["decoder"]
+        self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
         self.dtype = _NUMPY[spec["dtype"]]
         self.image_token_id = spec["image_token_id"]
         self.eos_token_id = generation.get("eos_token_id")
@@ -124,10 +125,9 @@ class ShortVOnnxModel:
     def decode(self, feeds: dict) -> tuple[np.ndarray, np.ndarray, dict]:
         """One decoder call: (logits of the last position [B, V], last hidden states, the next cache feeds)."""
         outputs = self.decoder.run(None, feeds)
-        names = [o.name for o in self.decoder.get_outputs()]
         cache = {
             name.replace("present", "past_key_values"): value
-            for name, value in zip(names, outputs, strict=True)
+            for name, value in zip(self._decoder_outputs, outputs, strict=True)
             if name.startswith("present.")
         }
         return outputs[0][:, -1], outputs[1], cache

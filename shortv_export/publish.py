@@ -24,6 +24,12 @@ class PushResult:
     uploaded: bool  # False when the Hub already had every file
 
 
+def check_push_options(revision: str | None, create_pr: bool) -> None:
+    """huggingface_hub opens pull requests against main only: refuse --create-pr with another --revision."""
+    if create_pr and revision not in (None, "main"):
+        raise ShortVError("--create-pr opens a pull request against main: drop --revision (or --create-pr)")
+
+
 class Publisher:
     """One push: checks the token and offline mode up front, resolves the repo id, uploads the folder."""
 
@@ -33,8 +39,7 @@ class Publisher:
         self.folder = Path(folder)
         self.private, self.revision, self.create_pr = private, revision, create_pr
         self.repo_id = repo_id
-        if create_pr and revision not in (None, "main"):
-            raise ShortVError("--create-pr opens a pull request against main: drop --revision (or --create-pr)")
+        check_push_options(revision, create_pr)
         if _offline():
             raise ShortVError(self.failed("the Hub is in offline mode (HF_HUB_OFFLINE=1); unset it"))
         token = get_token()  # HF_TOKEN, then the saved login; never printed
