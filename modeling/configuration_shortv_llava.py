@@ -2,7 +2,9 @@
 
 ShortV (Yuan et al., 2025, arXiv 2504.00502) freezes visual tokens in the decoder layers listed in
 ``shortv_layers``: there, only text tokens are queries and go through the MLP, while visual tokens keep
-their hidden state. Everything else is the stock LLaVA / LLaVA-NeXT configuration.
+their hidden state. ``shortv_transformers`` records the transformers versions the checkpoint was tested with
+(``{"tested": [lowest, highest], "converted_with": version}``); the model warns when it runs on another. Everything
+else is the stock LLaVA / LLaVA-NeXT configuration.
 """
 
 from huggingface_hub.dataclasses import strict
@@ -24,6 +26,7 @@ class ShortVLlavaConfig(LlavaConfig):
 
     model_type = "shortv_llava"
     shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -36,6 +39,7 @@ class ShortVLlavaNextConfig(LlavaNextConfig):
 
     model_type = "shortv_llava_next"
     shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -4,13 +4,22 @@ In the decoder layers listed in ``config.shortv_layers`` visual tokens are *froz
 values are still computed for every position (and cached), but only text positions are queries and go
 through ``o_proj`` and the MLP; visual positions leave the layer with the hidden state they entered with.
 Because attention is causal and K/V come from the layer input, text outputs equal those of the dense layer.
-Visual positions are the ones whose ``input_ids`` equal ``config.image_token_id``. Decode steps (text only)
-and layers not listed run the stock code. With ``shortv_layers=[]`` the model is stock LLaVA.
+
+Visual rows are the positions whose ``input_ids`` equal ``config.image_token_id`` (with ``inputs_embeds``: the
+positions holding that token's embedding, as LLaVA finds them) in a call that carries images (``pixel_values``
+or pre-computed image features). Calls without images (decode steps, text-only prompts) run the stock layers,
+with no branching on tensor values, so they compile with ``torch.compile(fullgraph=True)``.
+
+A frozen layer attends with the mask the stock text model gives that layer (causal, or sliding-window for
+Mistral and for Qwen2's sliding layers), restricted to the text rows. Text models: Llama, Mistral, Qwen2.
+With ``shortv_layers=[]`` the model is stock LLaVA. Runs on transformers 5.23 (cache argument
+``past_key_values``) and 5.24+ (``cache``); ``config.shortv_transformers`` records the versions it was checked on.
 """
 
-from functools import cache
+import re
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     LlavaForConditionalGeneration,
@@ -22,11 +31,18 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    eager_attention_forward,
+    rotate_half,
+)
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
+from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer
 from transformers.utils import logging
 
 from .configuration_shortv_llava import ShortVLlavaConfig, ShortVLlavaNextConfig
@@ -35,110 +51,178 @@ logger = logging.get_logger(__name__)
 
 # Attention backends that take the explicit [batch, 1, queries, keys] mask a frozen layer needs.
 _MASKED_BACKENDS = ("eager", "sdpa")
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
-class ShortVDecoderLayer:
-    """Mixin over a stock decoder layer (Llama, Mistral, Qwen2): the frozen, text-only branch.
+def attention_types(text_config) -> list[str]:
+    """The mask each decoder layer attends with in the stock text model (Llama, Mistral, Qwen2 ``forward``)."""
+    if text_config.model_type == "qwen2":
+        return list(text_config.layer_types)
+    sliding = text_config.model_type == "mistral" and text_config.sliding_window is not None
+    return ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
 
-    Frozen layers receive ``shortv`` from the model: ``text_index`` [B, T] (each row's text positions first,
-    padded with visual positions), ``text_valid`` [B, T] (False on that padding, or None when no row is
-    padded) and ``attention_mask`` [B, 1, T, K] (the causal/padding mask rows of those queries); or, for
-    attention backends that take no such mask, only ``visual`` [B, S].
-    """
 
-    def forward(
-        self,
-        hidden_states,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        use_cache=False,
-        position_embeddings=None,
-        shortv=None,
-        **kwargs,
-    ):
-        if shortv is None or "visual" in shortv:  # dense layer (and, as a fallback, visual rows reset)
-            out = super().forward(
-                hidden_states,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
-            )
-            if shortv is None:
-                return out
-            return torch.where(shortv["visual"].to(out.device).unsqueeze(-1), hidden_states, out)
-        device = hidden_states.device
-        index = shortv["text_index"].to(device)
-        valid = shortv["text_valid"].to(device) if shortv["text_valid"] is not None else None
-        mask = shortv["attention_mask"].to(device)
-        attn = self.self_attn
+def _pop_cache(kwargs: dict):
+    """The KV cache, passed as ``cache`` (transformers >= 5.24) or ``past_key_values`` (5.23)."""
+    cache, legacy = kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+def _rope(x, cos, sin):
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class ShortVAttention:
+    """Mixin over a stock attention: with ``shortv``, queries (and ``o_proj``) for the text rows only."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, shortv=None, **kwargs):
+        if shortv is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+        cache = _pop_cache(kwargs)
         batch, seq, _ = hidden_states.shape
+        index = shortv["index"]  # [B, T, D]
         n_text = index.shape[1]
 
-        def text_rows(x):  # [B, S, D] -> [B, T, D]
-            return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        query = self.q_proj(hidden_states.gather(1, index)).view(batch, n_text, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        query = _rope(query, *shortv["position_embeddings"])
+        key = _rope(key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
-        residual = text_rows(hidden_states)
-        normed = self.input_layernorm(hidden_states)
-        cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
-        key = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        value = attn.v_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
-        key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
-        query = attn.q_proj(text_rows(normed)).view(batch, n_text, -1, attn.head_dim).transpose(1, 2)
-        query = query * text_rows(cos).unsqueeze(1) + rotate_half(query) * text_rows(sin).unsqueeze(1)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, attn.layer_idx)
-
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        out, _ = attention(
-            attn,
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(
+            self,
             query,
             key,
             value,
-            mask,
-            dropout=0.0,
-            scaling=attn.scaling,
-            sliding_window=getattr(attn, "sliding_window", None),
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
             **kwargs,
         )
-        text = residual + attn.o_proj(out.reshape(batch, n_text, -1))
+        out = self.o_proj(out.reshape(batch, n_text, -1))
+        if weights is not None:  # line up with the stock layer's maps: [B, heads, S, K], zero on visual rows
+            if shortv["valid"] is not None:
+                weights = weights * shortv["valid"].unsqueeze(1)
+            rows = shortv["index"][:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
+            weights = weights.new_zeros(batch, weights.shape[1], seq, weights.shape[-1]).scatter(2, rows, weights)
+        return out, weights
+
+
+class ShortVDecoderLayer:
+    """Mixin over a stock decoder layer: with ``shortv``, the frozen branch, in the stock layer's order.
+
+    ``shortv`` holds what all frozen layers of one forward share: ``index`` [B, T, D] (each row's text positions
+    first, padded with visual positions, expanded over the hidden size), ``valid`` [B, T, 1] (False on that
+    padding, or None), ``masks`` (attention type -> the [B, 1, T, K] mask rows of the text queries) and
+    ``position_embeddings`` (cos, sin of the text rows). The fallback for other attention backends gets
+    ``visual`` [B, S] only: the dense layer, visual rows reset (exact, but nothing saved).
+    """
+
+    attention_class: type  # the family's attention with the ShortVAttention mixin
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.attention_type = attention_types(config)[layer_idx]
+
+    def forward(self, hidden_states, attention_mask=None, shortv=None, **kwargs):
+        if shortv is None or "visual" in shortv:
+            out = super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
+            if shortv is None:
+                return out
+            return torch.where(shortv["visual"].unsqueeze(-1), hidden_states, out)
+        index = shortv["index"]
+        residual = hidden_states.gather(1, index)
+        normed = self.input_layernorm(hidden_states)
+        attn_out, _ = self.self_attn(
+            hidden_states=normed, attention_mask=shortv["masks"][self.attention_type], shortv=shortv, **kwargs
+        )
+        text = residual + attn_out
         text = text + self.mlp(self.post_attention_layernorm(text))
-        if valid is not None:  # padding entries point at visual rows: write those back unchanged
-            text = torch.where(valid.unsqueeze(-1), text, residual)
-        return hidden_states.scatter(1, index.unsqueeze(-1).expand(-1, -1, text.shape[-1]), text)
+        if shortv["valid"] is not None:  # padding entries point at visual rows: write those back unchanged
+            text = torch.where(shortv["valid"], text, residual)
+        return hidden_states.scatter(1, index, text)
 
 
-@cache
-def _frozen_layer_class(base: type) -> type:
-    return type(f"ShortV{base.__name__}", (ShortVDecoderLayer, base), {})
+class ShortVLlamaAttention(ShortVAttention, LlamaAttention):
+    pass
+
+
+class ShortVMistralAttention(ShortVAttention, MistralAttention):
+    pass
+
+
+class ShortVQwen2Attention(ShortVAttention, Qwen2Attention):
+    pass
+
+
+class ShortVLlamaDecoderLayer(ShortVDecoderLayer, LlamaDecoderLayer):
+    attention_class = ShortVLlamaAttention
+
+
+class ShortVMistralDecoderLayer(ShortVDecoderLayer, MistralDecoderLayer):
+    attention_class = ShortVMistralAttention
+
+
+class ShortVQwen2DecoderLayer(ShortVDecoderLayer, Qwen2DecoderLayer):
+    attention_class = ShortVQwen2Attention
+
+
+FROZEN_LAYERS = {
+    "llama": ShortVLlamaDecoderLayer,
+    "mistral": ShortVMistralDecoderLayer,
+    "qwen2": ShortVQwen2DecoderLayer,
+}
+
+
+def text_rows_inputs(language_model, text_index, valid, masks, position_ids) -> dict:
+    """The ``shortv`` argument of frozen layers from the text rows ``text_index`` [B, T], their ``valid`` flags
+    [B, T] (or None) and their ``masks`` (attention type -> [B, 1, T, K]). The text rows' cos/sin are those the
+    text model computes for all rows at ``position_ids`` [B or 1, S], gathered."""
+    batch = text_index.shape[0]
+    hidden = language_model.config.hidden_size
+    dtype = language_model.embed_tokens.weight.dtype
+    probe = torch.empty(batch, position_ids.shape[-1], 0, dtype=dtype, device=text_index.device)
+    position_embeddings = language_model.rotary_emb(probe, position_ids)
+    rows = text_index.unsqueeze(-1)
+    cos, sin = (t.expand(batch, -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
+    return {
+        "index": rows.expand(-1, -1, hidden),
+        "valid": None if valid is None else valid.unsqueeze(-1),
+        "masks": masks,
+        "position_embeddings": (cos, sin),
+    }
 
 
 class ShortVModelMixin:
-    """Plumbing shared by the LLaVA and LLaVA-NeXT models: mark the frozen layers, find the visual rows."""
+    """Plumbing shared by the LLaVA and LLaVA-NeXT models: build the frozen layers, find the visual rows."""
 
     def _shortv_init(self):
         self.shortv_layers = list(self.config.shortv_layers or [])
+        text_config = self.language_model.config
+        layer_class = FROZEN_LAYERS.get(text_config.model_type)
+        if self.shortv_layers and layer_class is None:
+            raise ValueError(
+                f"ShortV supports the text models {', '.join(FROZEN_LAYERS)}, not {text_config.model_type!r}"
+            )
         for i in self.shortv_layers:
-            layer = self.language_model.layers[i]
-            layer.__class__ = _frozen_layer_class(type(layer))  # same parameters, frozen forward
-            self._no_split_modules.add(type(layer).__name__)
+            self.language_model.layers[i] = layer_class(text_config, i)
+        if self.shortv_layers:
+            self._no_split_modules.add(layer_class.__name__)
+        _warn_if_untested(self.config)
 
-    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values):
-        """The ``shortv`` argument for frozen layers, or None when nothing in this call is visual."""
-        if not self.shortv_layers:
-            return None
+    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
+        """The ``shortv`` argument of the frozen layers in a call that carries images."""
         embed = self.get_input_embeddings()
         if input_ids is not None:
             visual = input_ids == self.config.image_token_id
         else:  # visual rows still hold the image token's embedding here
             token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
             visual = (inputs_embeds == embed(token)).all(-1)
-        if not visual.any():
-            return None
-        text_config = self.config.text_config
+        text_config = self.language_model.config
         if text_config._attn_implementation not in _MASKED_BACKENDS:
             logger.warning_once(
                 f"ShortV: attention '{text_config._attn_implementation}' takes no per-query mask; frozen layers "
@@ -152,47 +236,58 @@ class ShortVModelMixin:
         width = int(n_text.max())
         # Text positions of each row first, in order, then its visual positions (stable sort).
         text_index = torch.argsort(visual.to(torch.int8), dim=1, stable=True)[:, :width]
-        text_valid = torch.arange(width, device=visual.device) < n_text.unsqueeze(1)
-        # SDPA may otherwise get None ("is_causal"), which aligns a subset of queries wrongly.
-        dtype = embed.weight.dtype
-        probe = torch.empty(batch, seq, 0, dtype=dtype, device=visual.device)
-        mask = create_causal_mask(
-            config=text_config,
-            inputs_embeds=probe,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-            allow_is_causal_skip=False,
-        )
-        mask = mask.expand(batch, -1, -1, -1)
-        mask = mask.gather(2, text_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
-        return {
-            "text_index": text_index,
-            "attention_mask": mask,
-            "text_valid": None if bool(text_valid.all()) else text_valid,
-        }
+        valid = torch.arange(width, device=visual.device) < n_text.unsqueeze(1)
+        if position_ids is None:  # as the stock text model makes them
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(seq, device=visual.device) + past).unsqueeze(0)
 
-    def forward(
-        self,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        **kwargs,
-    ):
-        shortv = self._shortv_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_key_values)
-        if shortv is not None:
-            kwargs["shortv"] = shortv
+        # Each attention type's mask, as the stock text model builds it; explicit, because SDPA may otherwise get
+        # None ("is_causal"), which aligns a subset of queries wrongly. Then the text queries' rows of it.
+        probe = torch.empty(batch, seq, 0, dtype=embed.weight.dtype, device=visual.device)
+        masks = {}
+        for kind in {self.language_model.layers[i].attention_type for i in self.shortv_layers}:
+            mask = attention_mask.get(kind) if isinstance(attention_mask, dict) else None
+            if mask is None:
+                padding = None if isinstance(attention_mask, dict) else attention_mask
+                mask = MASK_FUNCTIONS[kind](
+                    text_config, probe, padding, cache, position_ids=position_ids, allow_is_causal_skip=False
+                )
+            mask = mask.expand(batch, -1, -1, -1)
+            masks[kind] = mask.gather(2, text_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        return text_rows_inputs(self.language_model, text_index, valid, masks, position_ids)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, **kwargs):
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        if self.shortv_layers and (pixel_values is not None or encoded.get("image") is not None):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            kwargs["shortv"] = self._shortv_inputs(
+                input_ids, kwargs.get("inputs_embeds"), attention_mask, position_ids, cache
+            )
         return super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
             **kwargs,
+        )
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def _warn_if_untested(config) -> None:
+    known = getattr(config, "shortv_transformers", None) or {}
+    tested = known.get("tested")
+    if not tested:
+        return
+    running = transformers.__version__
+    if not _minor(tested[0]) <= _minor(running) <= _minor(tested[-1]):
+        logger.warning_once(
+            f"ShortV: this checkpoint's model code was tested with transformers {tested[0]} to {tested[-1]} (it "
+            f"was converted with {known.get('converted_with', '?')}); you are running {running}. If outputs look "
+            f"wrong, install transformers>={tested[0]},<={tested[-1]}."
         )
 
 

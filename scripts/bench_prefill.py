@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shortv_export.compat import cache_kwarg, output_cache  # noqa: E402
 from shortv_export.flops import prefill_flops  # noqa: E402
 
 SHAPES = {  # name: (hidden, intermediate, heads, kv heads, vocab, visual tokens, full depth)
@@ -103,28 +104,42 @@ def bench_torch(model, frozen, ids, runs, warmup, device, decode_tokens):
     ids = ids.to(device)
     mask = torch.ones_like(ids)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    images = image_features(model, ids)
     result = {}
     for name, layers in (("vanilla", []), ("shortv", frozen)):
         set_frozen(model, layers)
-        result[name] = timed(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1), runs, warmup, sync)
+        prefill = lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1, mm_encoder_outputs=images)  # noqa: E731
+        result[name] = timed(prefill, runs, warmup, sync)
         if decode_tokens:
             result[f"{name}_decode_tps"] = decode_tokens / decode_time(model, ids, mask, decode_tokens, runs, sync)
     set_frozen(model, frozen)
     return result
 
 
+def image_features(model, ids) -> dict:
+    """Pre-computed image features (random) for the prompt's image tokens, as generate() passes them: the
+    prefill carries images, so ShortV freezes their rows; the vision tower is left out of the timing."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    n_visual = int((ids == model.config.image_token_id).sum())
+    dtype = next(model.parameters()).dtype
+    features = torch.randn(n_visual, model.config.text_config.hidden_size, dtype=dtype, device=ids.device) * 0.02
+    return {"image": BaseModelOutputWithPooling(pooler_output=[features])}
+
+
 def decode_time(model, ids, mask, tokens, runs, sync) -> float:
     """Median time of ``tokens`` greedy decode steps after an (untimed) prefill."""
     times = []
+    images = image_features(model, ids)
     for _ in range(max(2, runs // 2) + 1):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
-        cache, token, attention = out.past_key_values, out.logits[:, -1:].argmax(-1), mask
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, mm_encoder_outputs=images)
+        cache, token, attention = output_cache(out), out.logits[:, -1:].argmax(-1), mask
         sync()
         start = time.perf_counter()
         for _ in range(tokens):
             attention = torch.cat([attention, torch.ones_like(token)], dim=1)
-            out = model(input_ids=token, attention_mask=attention, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, attention_mask=attention, use_cache=True, **{cache_kwarg(): cache})
+            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])  # the first is warm-up

@@ -22,6 +22,7 @@ import torch
 from .data import CalibrationSet, prompt_batch
 from .errors import ShortVError
 from .load import Source
+from .modeling.modeling_shortv_llava import MASK_FUNCTIONS, attention_types
 
 MODALITIES = ("visual", "both")
 
@@ -152,15 +153,13 @@ class _Batch:
             # Positions that ignore left padding, so a batched row computes exactly what it computes alone.
             self.position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
             self.position_embeddings = lm.rotary_emb(hidden, self.position_ids)
-            from transformers.masking_utils import create_causal_mask
-
-            self.mask = create_causal_mask(
-                config=lm.config,
-                inputs_embeds=hidden,
-                attention_mask=attention,
-                past_key_values=None,
-                position_ids=self.position_ids,
-            )
+            # Each layer's mask as the stock text model builds it (causal, or sliding window).
+            kinds = attention_types(lm.config)
+            masks = {
+                kind: MASK_FUNCTIONS[kind](lm.config, hidden, attention, None, position_ids=self.position_ids)
+                for kind in set(kinds)
+            }
+            self.masks = [masks[kind] for kind in kinds]
             self.cache_device = cache_device or _cache_device(hidden, len(self.layers))
             self.inputs = [hidden.to(self.cache_device)]  # H_0 .. H_L
             for i in range(len(self.layers)):
@@ -175,19 +174,19 @@ class _Batch:
         self.layer_forwards += 1
         return layer(
             move(hidden),
-            attention_mask=move(self.mask),
+            attention_mask=move(self.masks[i]),
             position_ids=move(self.position_ids),
             position_embeddings=tuple(move(t) for t in self.position_embeddings),
-            past_key_values=None,
             use_cache=False,
         )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (fp32) of the next token after each row's last prompt position."""
+        """Log-probabilities of the next token after each row's last prompt position, in fp32 (fp64 for an fp64
+        model)."""
         lm = self.model.model.language_model
         last = hidden[:, -1].to(lm.norm.weight.device)
         logits = self.model.lm_head(lm.norm(last).to(self.model.lm_head.weight.device))
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
     def run_from(self, start: int, rows: torch.Tensor, frozen: set[int]) -> torch.Tensor:
         """Log-probs when ``rows`` are frozen in ``frozen``, all of which are >= ``start``; reuses H_start."""

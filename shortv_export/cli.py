@@ -230,7 +230,8 @@ def run(
     say(
         f"verified: reloaded {figures['class']} matches the in-process model (max |logits diff| "
         f"{figures['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {figures['mean_kl_vs_base']:.4g}, "
-        f"top-1 agreement {figures['top1_agreement_vs_base']:.0%} on {figures['samples']} prompts"
+        f"top-1 agreement {figures['top1_agreement_vs_base']:.0%} on {figures['samples']} prompts; greedy tokens "
+        "with the cache equal those without it"
     )
     if not push:
         _replace(path / "README.md", card(str(path), figures))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .compat import tested_range
 from .modeling import modeling_shortv_llava
 from .modeling.configuration_shortv_llava import ShortVLlavaConfig, ShortVLlavaNextConfig
 from .modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration, ShortVLlavaNextForConditionalGeneration
@@ -25,7 +26,9 @@ def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any
     if base_type not in SUPPORTED:
         raise ValueError(f"not a LLaVA config: model_type {base_type!r}")
     model_type, config_cls, model_cls = SUPPORTED[base_type]
-    config = dict(base, model_type=model_type, shortv_layers=[int(i) for i in layers])
+    config = dict(
+        base, model_type=model_type, shortv_layers=[int(i) for i in layers], shortv_transformers=tested_range()
+    )
     config["architectures"] = [model_cls.__name__]
     config["auto_map"] = {
         "AutoConfig": f"configuration_shortv_llava.{config_cls.__name__}",

@@ -73,13 +73,25 @@ class _Decoder(nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        from .compat import cache_kwarg
+        from .modeling.modeling_shortv_llava import attention_types
+
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
         self.num_layers = len(self.lm.layers)
         self.frozen = bool(model.model.shortv_layers)
+        self.cache_kwarg = cache_kwarg()
+        window = getattr(self.lm.config, "sliding_window", None)
+        # attention type -> sliding window (None: full causal), for the types the layers use
+        self.windows = {
+            kind: window if kind == "sliding_attention" else None for kind in attention_types(self.lm.config)
+        }
 
     def forward(self, inputs_embeds, attention_mask, position_ids, text_index, *past):
         from transformers import DynamicCache
+
+        from .compat import output_cache
+        from .modeling.modeling_shortv_llava import text_rows_inputs
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         seq = inputs_embeds.shape[1]
@@ -87,29 +99,33 @@ class _Decoder(nn.Module):
         dtype = inputs_embeds.dtype
         keys = torch.arange(total, device=inputs_embeds.device)
         keep = attention_mask.bool()[:, None, None, :]
-        queries = torch.arange(seq, device=keys.device) + (total - seq)  # absolute index of each new position
         blocked = torch.finfo(dtype).min
-        mask = torch.where((keys[None, :] <= queries[:, None])[None, None] & keep, 0.0, blocked).to(dtype)
+
+        def mask(queries, window):  # queries: absolute indices [..., Q] -> float mask [B, 1, Q, K]
+            allowed = keys <= queries[..., None]
+            if window is not None:
+                allowed = allowed & (keys > queries[..., None] - window)
+            allowed = allowed.view(-1, 1, *allowed.shape[-2:]) & keep
+            return torch.where(allowed, 0.0, blocked).to(dtype)
+
+        queries = torch.arange(seq, device=keys.device) + (total - seq)  # absolute index of each new position
+        masks = {kind: mask(queries, window) for kind, window in self.windows.items()}
         kwargs = {}
-        if self.frozen:  # the rows of that mask for the text queries, built directly (no [S, K] gather)
-            text_queries = text_index + (total - seq)
-            text_mask = (keys[None, None, :] <= text_queries[:, :, None])[:, None] & keep
-            kwargs["shortv"] = {
-                "text_index": text_index,
-                "text_valid": None,  # short rows repeat a text position: same value scattered twice
-                "attention_mask": torch.where(text_mask, 0.0, blocked).to(dtype),
-            }
+        if self.frozen:  # the rows of those masks for the text queries, built directly (no [S, K] gather)
+            text_masks = {kind: mask(text_index + (total - seq), window) for kind, window in self.windows.items()}
+            # short rows repeat a text position: the same value is scattered twice, no validity flags needed
+            kwargs["shortv"] = text_rows_inputs(self.lm, text_index, None, text_masks, position_ids)
         out = self.lm(
             inputs_embeds=inputs_embeds,
-            attention_mask=mask,
+            attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self.cache_kwarg: cache},
             **kwargs,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -1:])
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        presents = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
         return (logits, hidden, *presents)
 
 

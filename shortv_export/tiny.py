@@ -1,6 +1,7 @@
 """Tiny, randomly initialised LLaVA / LLaVA-NeXT checkpoints built offline.
 
-They have the real architecture (CLIP vision tower, projector, Llama decoder with grouped-query attention),
+They have the real architecture (CLIP vision tower, projector, a Llama, Mistral or Qwen2 decoder with grouped-query
+attention; the ``*_sliding`` text kinds use a 6-token sliding window, shorter than every test prompt),
 a real processor (image processor + word-level tokenizer + chat template) and are saved with
 ``save_pretrained``, so they exercise the same loading code as a llava-hf checkpoint from the Hub.
 """
@@ -48,20 +49,40 @@ def make_tokenizer():
     )
 
 
+SLIDING_WINDOW = 6
+TEXT_KINDS = ("llama", "mistral", "mistral_sliding", "qwen2", "qwen2_sliding")
+
+
+def text_config(text: str, **common):
+    """A tiny text config of family ``text`` (one of TEXT_KINDS)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if text == "llama":
+        return LlamaConfig(**common)
+    if text in ("mistral", "mistral_sliding"):
+        return MistralConfig(**common, sliding_window=SLIDING_WINDOW if text == "mistral_sliding" else None)
+    if text == "qwen2":
+        return Qwen2Config(**common)
+    if text == "qwen2_sliding":  # layers >= 2 slide, 0 and 1 attend to everything: both mask kinds in one model
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=2)
+    raise ValueError(f"text must be one of {', '.join(TEXT_KINDS)}, got {text!r}")
+
+
 def build_tiny(
     kind: str = "llava",
     num_layers: int = 6,
+    text: str = "llama",
     seed: int = 0,
     image_size: int = 28,
     patch: int = 7,
     hidden: int = 64,
     init_std: float = 0.1,
 ):
-    """Return ``(model, processor)`` for a tiny random ``kind`` ('llava' or 'llava_next') checkpoint."""
+    """Return ``(model, processor)`` for a tiny random ``kind`` ('llava' or 'llava_next') checkpoint whose text
+    model is ``text`` (one of TEXT_KINDS)."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaNextConfig,
@@ -82,7 +103,8 @@ def build_tiny(
         patch_size=patch,
         projection_dim=32,
     )
-    text = LlamaConfig(
+    text_model = text_config(
+        text,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
@@ -97,7 +119,7 @@ def build_tiny(
     )
     common = dict(
         vision_config=vision,
-        text_config=text,
+        text_config=text_model,
         image_token_id=image_token_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",

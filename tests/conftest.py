@@ -23,9 +23,10 @@ def _tiny_root(tmp_path_factory):
 
 
 @cache
-def tiny_dir(kind: str, num_layers: int = 6) -> Path:
-    """A tiny random checkpoint folder of ``kind`` ('llava' or 'llava_next'), saved once per session."""
-    return save_tiny(_ROOT / f"{kind}-{num_layers}", kind, num_layers=num_layers)
+def tiny_dir(kind: str, num_layers: int = 6, text: str = "llama") -> Path:
+    """A tiny random checkpoint folder of ``kind`` ('llava' or 'llava_next') with text model ``text`` (one of
+    ``tiny.TEXT_KINDS``), saved once per session."""
+    return save_tiny(_ROOT / f"{kind}-{text}-{num_layers}", kind, num_layers=num_layers, text=text)
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -1,6 +1,7 @@
 """The independent ShortV oracle of method.md section 1: the *stock* model, with each frozen layer run
 densely and its visual rows then reset to the layer's input. Visual rows are the prefill positions whose
-input id is the image token; decode steps carry no image token and so run unchanged."""
+input id is the image token (given ``inputs_embeds``, those holding the image token's embedding, which is how
+stock LLaVA places image features); decode steps carry no image token and so run unchanged."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ def oracle_hooks(stock_model, frozen_layers, image_token_id: int, frozen_ids: li
 
     def capture(_module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        state["rows"] = None if input_ids is None else torch.isin(input_ids, ids.to(input_ids.device))
+        embeds = kwargs.get("inputs_embeds")
+        if input_ids is not None:
+            state["rows"] = torch.isin(input_ids, ids.to(input_ids.device))
+        elif embeds is not None:
+            table = base.get_input_embeddings()(ids.to(embeds.device))  # [n ids, D]
+            state["rows"] = (embeds[:, :, None, :] == table).all(-1).any(-1)
+        else:
+            state["rows"] = None
 
     def reset(_module, args, kwargs, output):
         hidden_in = args[0] if args else kwargs["hidden_states"]

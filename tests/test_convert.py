@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import transformers
 from click.testing import CliRunner
 from conftest import tiny_dir
 
 from shortv_export.cli import main
+from shortv_export.compat import TESTED_TRANSFORMERS, version_key
 from shortv_export.select import PAPER_LAYERS
 
 
@@ -54,10 +56,15 @@ def test_output_folder_holds_config_code_and_unchanged_weights(kind, tmp_path):
     assert config["auto_map"]["AutoModel"] == config["auto_map"]["AutoModelForImageTextToText"]
     assert config["auto_map"]["AutoModel"] == f"modeling_shortv_llava.{model_class}"
     assert config["auto_map"]["AutoConfig"].startswith("configuration_shortv_llava.")
+    assert config["shortv_transformers"] == {
+        "tested": [TESTED_TRANSFORMERS[0], max(TESTED_TRANSFORMERS[1], transformers.__version__, key=version_key)],
+        "converted_with": transformers.__version__,
+    }
     base_config = json.loads((base / "config.json").read_text())
-    assert {
-        k: v for k, v in config.items() if k not in ("model_type", "shortv_layers", "auto_map", "architectures")
-    } == {k: v for k, v in base_config.items() if k not in ("model_type", "architectures", "_name_or_path")}
+    ours = ("model_type", "shortv_layers", "shortv_transformers", "auto_map", "architectures")
+    assert {k: v for k, v in config.items() if k not in ours} == {
+        k: v for k, v in base_config.items() if k not in ("model_type", "architectures", "_name_or_path")
+    }
     for name in ("configuration_shortv_llava.py", "modeling_shortv_llava.py"):
         assert (out / name).read_bytes() == (Path(__file__).parents[1] / "modeling" / name).read_bytes()
     for name in (

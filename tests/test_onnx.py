@@ -30,14 +30,15 @@ def exported(tmp_path_factory):
     """(checkpoint folder with onnx/, in-process ShortV model) per kind, exported once per module."""
 
     @cache
-    def make(kind: str, dtype: str = "fp32"):
-        out = tmp_path_factory.mktemp(f"onnx-{kind}-{dtype}") / "ckpt"
+    def make(kind: str, dtype: str = "fp32", text: str = "llama"):
+        out = tmp_path_factory.mktemp(f"onnx-{kind}-{text}-{dtype}") / "ckpt"
+        source = tiny_dir(kind, text=text)
         result = CliRunner().invoke(
-            main, [str(tiny_dir(kind)), "--layers", ",".join(map(str, FROZEN)), "--out", str(out), "-q", "--no-verify"]
+            main, [str(source), "--layers", ",".join(map(str, FROZEN)), "--out", str(out), "-q", "--no-verify"]
         )
         assert result.exit_code == 0, result.output
         report = export_onnx(out, dtype=dtype, progress=False)
-        model = load_shortv(tiny_dir(kind), FROZEN, attn_implementation="sdpa").eval()
+        model = load_shortv(source, FROZEN, attn_implementation="sdpa").eval()
         return out, model, report
 
     return make
@@ -49,9 +50,14 @@ def _rows(kind):
     return [("what is in the picture on the left side", [image(30, 30, 1)]), ("colour?", [image(40, 20, 2)])]
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_prefill_matches_pytorch(exported, kind):
-    out, model, report = exported(kind)
+# Llama everywhere; Mistral (every layer slides) and Qwen2 (layers 2+ slide) with windows shorter than the prompts
+MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
+model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
+
+
+@model_params
+def test_prefill_matches_pytorch(exported, kind, text):
+    out, model, report = exported(kind, text=text)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     inputs = batch(processor, _rows(kind))
     runner = ShortVOnnxModel.from_pretrained(out)
@@ -68,9 +74,9 @@ def test_prefill_matches_pytorch(exported, kind):
     assert report.validation["max_abs_logits_diff"] <= report.validation["tolerance"]
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_greedy_generation_matches_pytorch(exported, kind):
-    out, model, _ = exported(kind)
+@model_params
+def test_greedy_generation_matches_pytorch(exported, kind, text):
+    out, model, _ = exported(kind, text=text)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     inputs = batch(processor, _rows(kind))
     assert (inputs["attention_mask"] == 0).any()  # a padded batch

@@ -196,3 +196,21 @@ def test_verify_catches_a_broken_folder(tmp_path, monkeypatch):
     (out / "modeling_shortv_llava.py").write_text("raise ImportError('broken on purpose')\n")
     with pytest.raises(verify.ShortVError, match="does not load with transformers alone"):
         verify.verify_folder(out, tiny_dir("llava"), [2])
+
+
+def test_verify_catches_a_checkpoint_that_caches_wrong_keys_and_values(tmp_path):
+    """Prefill logits are right, but the frozen layers write other K/V into the cache (what transformers 5.24's
+    rename did to the old model file): cached and uncached greedy tokens differ, and verify fails."""
+    import shortv_export.verify as verify
+
+    out = tmp_path / "bad-cache"
+    result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "0,2", "--out", str(out), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    code = (out / "modeling_shortv_llava.py").read_text()
+    good = "key, value = cache.update(key, value, self.layer_idx)"
+    assert good in code
+    (out / "modeling_shortv_llava.py").write_text(
+        code.replace(good, "cache.update(key.flip(2), value.flip(2), self.layer_idx)")
+    )
+    with pytest.raises(verify.ShortVError, match="the cache is wrong"):
+        verify.verify_folder(out, tiny_dir("llava"), [0, 2])
