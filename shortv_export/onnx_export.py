@@ -256,11 +256,17 @@ def _export(module, args, path, input_names, output_names, dynamic_shapes, axes)
                 dynamo=True,
                 verbose=False,
             )
-        except Exception as err:  # torch.export raises many types; one clear line for the user
-            raise ShortVError(f"ONNX export of {path.name} failed: {type(err).__name__}: {err}") from err
+        except Exception as err:  # torch.export raises many types with pages of detail; one clear line for the user
+            raise ShortVError(f"ONNX export of {path.name} failed: {_first_line(err)}") from err
         finally:
             quiet.setLevel(level)
     _save(program, path, _param_bytes(module), axes)
+
+
+def _first_line(err: Exception, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _export_vision(model, out: Path) -> dict:

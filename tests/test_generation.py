@@ -1,7 +1,8 @@
 """Conformance of the ShortV classes on every generation path, against the stock model under the oracle.
 
-Each test runs on LLaVA and LLaVA-NeXT (and a Qwen2 text model with a sliding window), with one frozen layer
-(layer 0, the first one, so everything after it sees frozen rows) and with several.
+Each test runs on LLaVA and LLaVA-NeXT with one frozen layer (layer 0, so everything after it sees frozen rows)
+and with several, and on LLaVA with each other text model (Mistral, Qwen2, with and without a sliding window
+shorter than the prompts) with several.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from shortv_export.compat import cache_kwarg, output_cache
 from shortv_export.models import load_shortv
 
-MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "qwen2_sliding")]
 FROZEN = [(0,), (4, 1, 3)]
+CASES = [(kind, "llama", frozen) for kind in ("llava", "llava_next") for frozen in FROZEN] + [
+    ("llava", text, (4, 1, 3)) for text in ("mistral", "mistral_sliding", "qwen2", "qwen2_sliding")
+]
 Q = "what is the color of the shape ?"
 Q2 = "how many shapes are there in this picture ?"
 
 
-def params(frozen=FROZEN, models=MODELS):
-    cases = [(k, t, f) for k, t in models for f in frozen]
+def params(frozen=None, models=None):
+    """Parametrize over CASES, or over ``models`` x ``frozen``."""
+    cases = CASES if models is None else [(k, t, f) for k, t in models for f in frozen or FROZEN]
+    if frozen is not None and models is None:
+        cases = [c for c in CASES if c[2] in frozen]
     return pytest.mark.parametrize(
         "kind,text,frozen", cases, ids=[f"{k}-{t}-{'_'.join(map(str, f))}" for k, t, f in cases]
     )
