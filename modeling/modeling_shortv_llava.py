@@ -68,8 +68,8 @@ def _pop_cache(kwargs: dict):
     return cache if cache is not None else legacy
 
 
-def _rope(x, cos, sin):
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+def _rope(x, cos, sin):  # cos, sin: [B, 1, S, head_dim]
+    return x * cos + rotate_half(x) * sin
 
 
 class ShortVAttention:
@@ -87,7 +87,7 @@ class ShortVAttention:
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         query = _rope(query, *shortv["position_embeddings"])
-        key = _rope(key, *position_embeddings)
+        key = _rope(key, *(t.unsqueeze(1) for t in position_embeddings))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
@@ -117,8 +117,8 @@ class ShortVDecoderLayer:
     ``shortv`` holds what all frozen layers of one forward share: ``index`` [B, T, D] (each row's text positions
     first, padded with visual positions, expanded over the hidden size), ``valid`` [B, T, 1] (False on that
     padding, or None), ``masks`` (attention type -> the [B, 1, T, K] mask rows of the text queries) and
-    ``position_embeddings`` (cos, sin of the text rows). The fallback for other attention backends gets
-    ``visual`` [B, S] only: the dense layer, visual rows reset (exact, but nothing saved).
+    ``position_embeddings`` (cos, sin of the text rows, [B, 1, T, head_dim]). The fallback for other attention
+    backends gets ``visual`` [B, S] only: the dense layer, visual rows reset (exact, but nothing saved).
     """
 
     attention_class: type  # the family's attention with the ShortVAttention mixin
@@ -193,7 +193,7 @@ def text_rows_inputs(language_model, text_index, valid, masks, position_ids) -> 
         "index": rows.expand(-1, -1, hidden),
         "valid": None if valid is None else valid.unsqueeze(-1),
         "masks": masks,
-        "position_embeddings": (cos, sin),
+        "position_embeddings": (cos.unsqueeze(1), sin.unsqueeze(1)),  # [B, 1, T, head_dim], as applied to heads
     }
 
 
@@ -214,8 +214,8 @@ class ShortVModelMixin:
             self._no_split_modules.add(layer_class.__name__)
         _warn_if_untested(self.config)
 
-    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache):
-        """The ``shortv`` argument of the frozen layers in a call that carries images."""
+    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, n_visual):
+        """The ``shortv`` argument of the frozen layers in a call with ``n_visual`` image features."""
         embed = self.get_input_embeddings()
         if input_ids is not None:
             visual = input_ids == self.config.image_token_id
@@ -232,18 +232,23 @@ class ShortVModelMixin:
             return {"visual": visual}
 
         batch, seq = visual.shape
-        n_text = (~visual).sum(1)
-        width = int(n_text.max())
+        if batch == 1:  # known on the host: no device sync, and a fixed shape for torch.compile
+            width, valid = seq - n_visual, None
+        else:  # the widest row sets the width (one sync); narrower rows are padded with visual positions
+            n_text = (~visual).sum(1)
+            width = int(n_text.max())
+            valid = torch.arange(width, device=visual.device) < n_text.unsqueeze(1)
         # Text positions of each row first, in order, then its visual positions (stable sort).
         text_index = torch.argsort(visual.to(torch.int8), dim=1, stable=True)[:, :width]
-        valid = torch.arange(width, device=visual.device) < n_text.unsqueeze(1)
         if position_ids is None:  # as the stock text model makes them
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(seq, device=visual.device) + past).unsqueeze(0)
 
         # Each attention type's mask, as the stock text model builds it; explicit, because SDPA may otherwise get
-        # None ("is_causal"), which aligns a subset of queries wrongly. Then the text queries' rows of it.
-        probe = torch.empty(batch, seq, 0, dtype=embed.weight.dtype, device=visual.device)
+        # None ("is_causal"), which aligns a subset of queries wrongly. Then the text queries' rows of it, additive
+        # (SDPA would turn a boolean mask into this in every layer).
+        dtype = embed.weight.dtype
+        probe = torch.empty(batch, seq, 0, dtype=dtype, device=visual.device)
         masks = {}
         for kind in {self.language_model.layers[i].attention_type for i in self.shortv_layers}:
             mask = attention_mask.get(kind) if isinstance(attention_mask, dict) else None
@@ -253,15 +258,28 @@ class ShortVModelMixin:
                     text_config, probe, padding, cache, position_ids=position_ids, allow_is_causal_skip=False
                 )
             mask = mask.expand(batch, -1, -1, -1)
-            masks[kind] = mask.gather(2, text_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+            mask = mask.gather(2, text_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            masks[kind] = mask
         return text_rows_inputs(self.language_model, text_index, valid, masks, position_ids)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, **kwargs):
-        encoded = kwargs.get("mm_encoder_outputs") or {}
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         if self.shortv_layers and (pixel_values is not None or encoded.get("image") is not None):
+            if encoded.get("image") is None:  # encode here, as the stock forward would, to count the features
+                encoded["image"] = self.get_image_features(
+                    pixel_values=pixel_values,
+                    image_sizes=kwargs.get("image_sizes"),
+                    vision_feature_layer=kwargs.get("vision_feature_layer"),
+                    vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                    return_dict=True,
+                )
+                pixel_values, kwargs["mm_encoder_outputs"] = None, encoded
+            n_visual = sum(features.shape[0] for features in encoded["image"].pooler_output)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             kwargs["shortv"] = self._shortv_inputs(
-                input_ids, kwargs.get("inputs_embeds"), attention_mask, position_ids, cache
+                input_ids, kwargs.get("inputs_embeds"), attention_mask, position_ids, cache, n_visual
             )
         return super().forward(
             input_ids=input_ids,

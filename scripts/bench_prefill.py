@@ -1,13 +1,20 @@
 """Prefill latency of vanilla vs ShortV at real LLaVA layer shapes (random weights), against the FLOPs ideal.
 
-    python scripts/bench_prefill.py                                    # LLaVA-1.5-7B shapes, CPU, torch + ORT
-    python scripts/bench_prefill.py --shape llava-next-7b --depth 4 --backend torch --dtype bf16
-    python scripts/bench_prefill.py --shape small --backend onnx       # a quick look
+    python scripts/bench_prefill.py                                        # CPU: LLaVA-1.5-7B shapes, 8 layers
+    python scripts/bench_prefill.py --backend torch,onnx --dtype fp32,bf16 # CPU, PyTorch and ONNX Runtime
+    python scripts/bench_prefill.py --device cuda --shape all --depth full --batch 1,8   # GPU: the issue's table
 
-The decoder keeps the real hidden/MLP/head sizes; depth is reduced (--depth) to fit time and memory, freezing
-round(depth * 19/32) layers (the paper's share for LLaVA-1.5-7B). Vanilla is the same model with no frozen
-layers (the stock code path). Each cell is the median of --runs timed prefills after --warmup. Decode: tokens/s
-over --decode-tokens greedy steps after the prefill (torch only; ShortV runs the stock layers in decode).
+The decoder has the real hidden/MLP/head sizes and is built directly on the device in the target dtype (a
+full-depth 13B takes seconds on a GPU). At full depth the frozen layers are the published lists (method.md); at
+reduced depth the late round(depth * N/L) layers. Each prompt row is 5 + 59 text tokens around the shape's
+visual tokens (576 per image; LLaVA-NeXT shapes: 5 images, 2880 tokens), through a token-sized vision tower, so
+the timing is the decoder's. Vanilla is the same model with no frozen layers (the stock code path).
+
+Rows: eager prefill (median of --runs after --warmup, logits_to_keep=1, no cache), a compiled prefill at batch 1
+(``torch.compile(model.forward, fullgraph=True)``; on CUDA the default backend is ``cudagraphs``: CUDA graphs
+without inductor codegen, the launch-bound case), and prefill + --decode-tokens greedy tokens end to end
+(``generate``). Above the tables: the CPU flags, and the dispatch counts (aten operations per frozen layer vs
+a stock layer, host syncs per forward) that decide launch-bound latency on a GPU.
 """
 
 from __future__ import annotations
@@ -25,27 +32,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shortv_export.compat import cache_kwarg, output_cache  # noqa: E402
 from shortv_export.flops import prefill_flops  # noqa: E402
+from shortv_export.overhead import dispatched  # noqa: E402
+from shortv_export.select import PAPER_LAYERS  # noqa: E402
 
-SHAPES = {  # name: (hidden, intermediate, heads, kv heads, vocab, visual tokens, full depth)
-    "llava-1.5-7b": (4096, 11008, 32, 32, 32064, 576, 32),
-    "llava-1.5-13b": (5120, 13824, 40, 40, 32064, 576, 40),
-    "llava-next-7b": (4096, 11008, 32, 32, 32064, 2880, 32),
-    "small": (1024, 2816, 16, 16, 32064, 576, 8),
+# name: (hidden, intermediate, heads, kv heads, vocab, visual tokens, full depth, published layer list)
+SHAPES = {
+    "llava-1.5-7b": (4096, 11008, 32, 32, 32064, 576, 32, PAPER_LAYERS["llava-hf/llava-1.5-7b-hf"]),
+    "llava-1.5-13b": (5120, 13824, 40, 40, 32064, 576, 40, PAPER_LAYERS["llava-hf/llava-1.5-13b-hf"]),
+    "llava-next-7b": (4096, 11008, 32, 32, 32064, 2880, 32, PAPER_LAYERS["llava-hf/llava-v1.6-vicuna-7b-hf"]),
+    "llava-next-13b": (5120, 13824, 40, 40, 32064, 2880, 40, PAPER_LAYERS["llava-hf/llava-v1.6-vicuna-13b-hf"]),
+    "small": (1024, 2816, 16, 16, 32064, 576, 8, None),
 }
-FROZEN_SHARE = 19 / 32
 TEXT_TOKENS = 64
+TOKENS_PER_IMAGE = 576  # a 24 x 24 px image with 1 px patches: 576 features, as a 336 px CLIP-L/14 image
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(shape: str, depth: int, dtype: torch.dtype):
-    """A ShortV LLaVA with the shape's language model (random weights) and a token-sized vision tower."""
+def frozen_layers(shape: str, depth: int) -> list[int]:
+    *_, full, published = SHAPES[shape]
+    if depth == full and published:
+        return list(published)
+    share = len(published) / full if published else 19 / 32
+    return list(range(depth - round(depth * share), depth))
+
+
+def build(shape: str, depth: int, dtype: torch.dtype, device: str):
+    """A ShortV LLaVA with the shape's language model (random weights), built on ``device`` in ``dtype``."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
     from shortv_export.models import ShortVLlavaConfig, ShortVLlavaForConditionalGeneration
 
-    hidden, inter, heads, kv, vocab, _, _ = SHAPES[shape]
+    hidden, inter, heads, kv, vocab, *_ = SHAPES[shape]
     text = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
@@ -54,34 +72,42 @@ def build(shape: str, depth: int, dtype: torch.dtype):
         num_hidden_layers=depth,
         vocab_size=vocab,
         max_position_embeddings=8192,
+        pad_token_id=0,
     )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    frozen = list(range(depth - round(depth * FROZEN_SHARE), depth))  # the late layers, as LC usually picks
-    config = ShortVLlavaConfig(text_config=text, vision_config=vision, image_token_id=vocab - 1, shortv_layers=frozen)
-    config._attn_implementation = "sdpa"
-    config.text_config._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = ShortVLlavaForConditionalGeneration(config)
-    model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-        model.model.language_model.rotary_emb.__init__(text)  # non-persistent buffers live on meta until rebuilt
-    return model.to(dtype).eval(), frozen
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=24, patch_size=1
+    )
+    frozen = frozen_layers(shape, depth)
+    config = ShortVLlavaConfig(
+        text_config=text, vision_config=vision, image_token_id=vocab - 1, shortv_layers=frozen, vision_feature_layer=-1
+    )
+    config._attn_implementation = config.text_config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = ShortVLlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.pad_token_id = 0
+    return model.eval(), frozen
 
 
-def prompt(n_visual: int, vocab: int, image_token: int) -> torch.Tensor:
-    rng = np.random.default_rng(0)
-    words = rng.integers(3, vocab - 2, TEXT_TOKENS)
-    ids = np.concatenate([words[:5], np.full(n_visual, image_token), words[5:]])
-    return torch.from_numpy(ids)[None]
+def prompts(shape: str, batch: int, model, device: str) -> dict:
+    """``batch`` identical rows: 5 text tokens, the images' tokens, 59 text tokens; pixels for the images."""
+    n_visual = SHAPES[shape][5]
+    vocab, image_token = model.config.text_config.vocab_size, model.config.image_token_id
+    words = np.random.default_rng(0).integers(3, vocab - 2, TEXT_TOKENS)
+    row = np.concatenate([words[:5], np.full(n_visual, image_token), words[5:]])
+    ids = torch.from_numpy(row)[None].repeat(batch, 1).to(device)
+    images = batch * n_visual // TOKENS_PER_IMAGE
+    pixels = torch.randn(images, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    dtype = next(model.parameters()).dtype
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(device, dtype)}
 
 
-def timed(fn, runs: int, warmup: int, sync=lambda: None) -> float:
+def timed(fn, runs: int, warmup: int, sync) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -95,64 +121,39 @@ def timed(fn, runs: int, warmup: int, sync=lambda: None) -> float:
 
 
 def set_frozen(model, frozen):
-    model.model.shortv_layers = list(frozen)  # [] takes the stock path everywhere (no shortv argument)
+    model.model.shortv_layers = list(frozen)  # [] takes the stock path in every layer
 
 
 @torch.no_grad()
-def bench_torch(model, frozen, ids, runs, warmup, device, decode_tokens):
-    model.to(device)
-    ids = ids.to(device)
-    mask = torch.ones_like(ids)
+def bench_torch(model, frozen, inputs, args, device: str, compile_backend: str | None) -> dict:
+    """Seconds per prefill (eager, and compiled at batch 1) and per prefill + decode, vanilla and ShortV."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    images = image_features(model, ids)
+    batch = inputs["input_ids"].shape[0]
+    prefill = dict(inputs, logits_to_keep=1, use_cache=False)
+    gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False)
     result = {}
     for name, layers in (("vanilla", []), ("shortv", frozen)):
         set_frozen(model, layers)
-        prefill = lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1, mm_encoder_outputs=images)  # noqa: E731
-        result[name] = timed(prefill, runs, warmup, sync)
-        if decode_tokens:
-            result[f"{name}_decode_tps"] = decode_tokens / decode_time(model, ids, mask, decode_tokens, runs, sync)
+        result[name] = timed(lambda: model(**prefill), args.runs, args.warmup, sync)
+        if compile_backend and batch == 1:
+            torch._dynamo.reset()
+            mode = "reduce-overhead" if compile_backend == "inductor" and device.startswith("cuda") else None
+            compiled = torch.compile(model.forward, fullgraph=True, backend=compile_backend, mode=mode)
+            result[f"{name}_compiled"] = timed(lambda c=compiled: c(**prefill), args.runs, args.warmup + 2, sync)
+        if args.decode_tokens:
+            result[f"{name}_e2e"] = timed(lambda: model.generate(**inputs, **gen), max(1, args.runs // 3), 1, sync)
     set_frozen(model, frozen)
     return result
 
 
-def image_features(model, ids) -> dict:
-    """Pre-computed image features (random) for the prompt's image tokens, as generate() passes them: the
-    prefill carries images, so ShortV freezes their rows; the vision tower is left out of the timing."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    n_visual = int((ids == model.config.image_token_id).sum())
-    dtype = next(model.parameters()).dtype
-    features = torch.randn(n_visual, model.config.text_config.hidden_size, dtype=dtype, device=ids.device) * 0.02
-    return {"image": BaseModelOutputWithPooling(pooler_output=[features])}
-
-
-def decode_time(model, ids, mask, tokens, runs, sync) -> float:
-    """Median time of ``tokens`` greedy decode steps after an (untimed) prefill."""
-    times = []
-    images = image_features(model, ids)
-    for _ in range(max(2, runs // 2) + 1):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, mm_encoder_outputs=images)
-        cache, token, attention = output_cache(out), out.logits[:, -1:].argmax(-1), mask
-        sync()
-        start = time.perf_counter()
-        for _ in range(tokens):
-            attention = torch.cat([attention, torch.ones_like(token)], dim=1)
-            out = model(input_ids=token, attention_mask=attention, use_cache=True, **{cache_kwarg(): cache})
-            cache, token = output_cache(out), out.logits[:, -1:].argmax(-1)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])  # the first is warm-up
-
-
-def bench_onnx(model, frozen, ids, runs, warmup, provider, workdir: Path):
+def bench_onnx(model, frozen, inputs, args, workdir: Path) -> dict:
+    """Seconds per prefill of the exported decoder (fp32, CPU), vanilla and ShortV."""
     import onnxruntime as ort
 
     from shortv_export.onnx_export import _export_decoder
     from shortv_export.onnx_runtime import text_index
 
-    image_token = model.config.image_token_id
-    visual = (ids == image_token).numpy()
+    ids = inputs["input_ids"].cpu()
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids).float().numpy()
     text = model.config.text_config
@@ -160,10 +161,10 @@ def bench_onnx(model, frozen, ids, runs, warmup, provider, workdir: Path):
     feeds = {
         "inputs_embeds": embeds,
         "attention_mask": np.ones(ids.shape, np.int64),
-        "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None],
-        "text_index": text_index(visual),
+        "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None].repeat(ids.shape[0], 0),
+        "text_index": text_index((ids == model.config.image_token_id).numpy()),
     }
-    empty = np.zeros((1, text.num_key_value_heads, 0, head_dim), np.float32)
+    empty = np.zeros((ids.shape[0], text.num_key_value_heads, 0, head_dim), np.float32)
     feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(text.num_hidden_layers) for kv in ("key", "value")})
     result = {}
     options = ort.SessionOptions()
@@ -173,64 +174,108 @@ def bench_onnx(model, frozen, ids, runs, warmup, provider, workdir: Path):
         folder = workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         _export_decoder(model.float(), folder)
-        session = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"), options, providers=[provider])
-        result[name] = timed(lambda s=session: s.run(["logits"], feeds), runs, warmup)
+        session = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"), options, ["CPUExecutionProvider"])
+        result[name] = timed(lambda s=session: s.run(["logits"], feeds), args.runs, args.warmup, lambda: None)
         del session
     set_frozen(model, frozen)
     return result
 
 
+def dispatch_counts(model, frozen, inputs) -> str:
+    """One line: aten ops in a frozen vs a stock layer, host syncs per forward, ShortV vs vanilla."""
+    kw = dict(logits_to_keep=1, use_cache=False)
+    vanilla, shortv = dispatched(model, inputs, [], **kw), dispatched(model, inputs, frozen, **kw)
+    layer = frozen[0]
+    return (
+        f"aten ops in frozen layer {layer}: {shortv.per_layer[layer]} vs stock {vanilla.per_layer[layer]} "
+        f"(+{shortv.per_layer[layer] - vanilla.per_layer[layer]}); host syncs per forward: ShortV {shortv.syncs}, "
+        f"vanilla {vanilla.syncs}"
+    )
+
+
+def cpu_flags() -> str:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return " ".join(shown) + ("" if "avx512_bf16" in flags or "amx_bf16" in flags else " (bf16 matmuls emulated)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="llava-1.5-7b", choices=SHAPES)
-    parser.add_argument("--depth", type=int, help="decoder layers to build [default: 4, or the full depth of small]")
-    parser.add_argument("--backend", default="torch,onnx", help="comma list of torch, onnx, cuda")
-    parser.add_argument("--dtype", default="fp32,bf16", help="comma list for torch on CPU (onnx runs fp32)")
+    parser.add_argument("--shape", default="llava-1.5-7b", help=f"comma list of {', '.join(SHAPES)}, or all")
+    parser.add_argument("--depth", default="8", help="decoder layers to build, or 'full'")
+    parser.add_argument("--batch", default="1", help="comma list of batch sizes")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", default="torch", help="comma list of torch, onnx (onnx: CPU, fp32)")
+    parser.add_argument("--dtype", default=None, help="comma list of fp32, bf16, fp16 [cpu: fp32; cuda: bf16]")
+    parser.add_argument("--compile", default=None, help="torch.compile backend for batch 1 [cuda: cudagraphs]; none")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--decode-tokens", type=int, default=32, help="0 skips the decode measurement")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="prefill + this many tokens; 0 skips")
     args = parser.parse_args(argv)
-    hidden, inter, heads, kv, vocab, n_visual, full = SHAPES[args.shape]
-    depth = args.depth or (full if args.shape == "small" else 4)
+    shapes = [s for s in SHAPES if s != "small"] if args.shape == "all" else args.shape.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+    cuda = args.device.startswith("cuda")
+    dtypes = (args.dtype or ("bf16" if cuda else "fp32")).split(",")
+    compile_backend = args.compile or ("cudagraphs" if cuda else "none")
+    compile_backend = None if compile_backend == "none" else compile_backend
     backends = args.backend.split(",")
-    print(f"# {args.shape}: hidden {hidden}, MLP {inter}, {heads} heads, {n_visual} visual + {TEXT_TOKENS} text")
-    print(f"# depth {depth} (of {full}), frozen {round(depth * FROZEN_SHARE)}; median of {args.runs} runs")
-    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    rows = []
-    cells = [("torch", d, "cpu") for d in args.dtype.split(",") if "torch" in backends]
-    if "onnx" in backends:
-        cells.append(("onnx", "fp32", "CPUExecutionProvider"))
-    if "cuda" in backends and torch.cuda.is_available():
-        cells.append(("torch", "bf16", "cuda"))
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"# {machine}, CPU flags: {cpu_flags()}")
+    if cuda:
         print(f"# GPU: {torch.cuda.get_device_name()}")
-    model = None
-    for backend, dtype, device in cells:
-        if model is None or next(model.parameters()).dtype != DTYPES[dtype]:
-            model = None
-            model, frozen = build(args.shape, depth, DTYPES[dtype])
-        ids = prompt(n_visual, vocab, model.config.image_token_id)
-        flops = [prefill_flops(model.config.text_config, n_visual, TEXT_TOKENS, f) for f in ([], frozen)]
-        ideal = flops[0] / flops[1]
-        if backend == "torch":
-            r = bench_torch(model, frozen, ids, args.runs, args.warmup, device, args.decode_tokens)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                r = bench_onnx(model, frozen, ids, args.runs, args.warmup, device, Path(tmp))
-        speedup = r["vanilla"] / r["shortv"]
-        rows.append((backend, dtype, device, r, speedup, ideal))
-        model.to("cpu")
+    print(f"# median of {args.runs} runs after {args.warmup} warm-ups; {TEXT_TOKENS} text tokens per row; SDPA")
+    rows, notes = [], []
+    for shape in shapes:
+        depth = SHAPES[shape][6] if args.depth == "full" else int(args.depth)
+        for dtype in dtypes:
+            start = time.perf_counter()
+            model, frozen = build(shape, depth, DTYPES[dtype], args.device)
+            built = time.perf_counter() - start
+            for batch in batches:
+                inputs = prompts(shape, batch, model, args.device)
+                flops = [
+                    prefill_flops(model.config.text_config, SHAPES[shape][5], TEXT_TOKENS, f) for f in ([], frozen)
+                ]
+                ideal = flops[0] / flops[1]
+                if batch == batches[0]:
+                    notes.append(f"{shape} {dtype} (built in {built:.1f} s): {dispatch_counts(model, frozen, inputs)}")
+                cell = dict(shape=shape, depth=depth, frozen=len(frozen), batch=batch, dtype=dtype, ideal=ideal)
+                if "torch" in backends:
+                    r = bench_torch(model, frozen, inputs, args, args.device, compile_backend)
+                    rows.append(dict(cell, backend=f"torch {args.device}", **r))
+                if "onnx" in backends and not cuda:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        r = bench_onnx(model, frozen, inputs, args, Path(tmp))
+                    rows.append(dict(cell, backend="onnxruntime cpu", dtype="fp32", **r))
+            del model
+            if cuda:
+                torch.cuda.empty_cache()
     print()
-    print(
-        "| backend | dtype | device | vanilla ms | ShortV ms | speed-up | FLOPs ideal | of ideal "
-        "| decode tok/s (vanilla / ShortV) |"
+    for note in notes:
+        print(f"# {note}")
+    print()
+    columns = (
+        "shape | frozen | batch | backend | dtype | mode | vanilla ms | ShortV ms | speed-up | FLOPs ideal | of ideal"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for backend, dtype, device, r, speedup, ideal in rows:
-        decode = f"{r['vanilla_decode_tps']:.2f} / {r['shortv_decode_tps']:.2f}" if "vanilla_decode_tps" in r else "-"
-        print(
-            f"| {backend} | {dtype} | {device} | {r['vanilla'] * 1e3:.0f} | {r['shortv'] * 1e3:.0f} | "
-            f"{speedup:.2f}x | {ideal:.2f}x | {speedup / ideal:.0%} | {decode} |"
-        )
+    print(f"| {columns} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for mode, suffix in (("eager", ""), (f"compiled ({compile_backend})", "_compiled"), ("+32 tokens", "_e2e")):
+            if f"vanilla{suffix}" not in r:
+                continue
+            if suffix == "_e2e":
+                mode = f"prefill + {args.decode_tokens} tokens"
+            v, s = r[f"vanilla{suffix}"], r[f"shortv{suffix}"]
+            ideal = r["ideal"] if suffix != "_e2e" else float("nan")
+            share = f"{v / s / ideal:.0%}" if suffix != "_e2e" else "-"
+            print(
+                f"| {r['shape']} | {r['frozen']}/{r['depth']} | {r['batch']} | {r['backend']} | {r['dtype']} | {mode} "
+                f"| {v * 1e3:.1f} | {s * 1e3:.1f} | {v / s:.2f}x | {r['ideal']:.2f}x | {share} |"
+            )
 
 
 if __name__ == "__main__":

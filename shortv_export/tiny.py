@@ -77,9 +77,10 @@ def build_tiny(
     patch: int = 7,
     hidden: int = 64,
     init_std: float = 0.1,
+    kv_heads: int = 2,
 ):
     """Return ``(model, processor)`` for a tiny random ``kind`` ('llava' or 'llava_next') checkpoint whose text
-    model is ``text`` (one of TEXT_KINDS)."""
+    model is ``text`` (one of TEXT_KINDS), with 4 attention heads and ``kv_heads`` key/value heads."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -109,7 +110,7 @@ def build_tiny(
         intermediate_size=2 * hidden,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         vocab_size=len(tokenizer),
         max_position_embeddings=1024,
         pad_token_id=tokenizer.pad_token_id,

@@ -23,10 +23,11 @@ def _tiny_root(tmp_path_factory):
 
 
 @cache
-def tiny_dir(kind: str, num_layers: int = 6, text: str = "llama") -> Path:
+def tiny_dir(kind: str, num_layers: int = 6, text: str = "llama", kv_heads: int = 2) -> Path:
     """A tiny random checkpoint folder of ``kind`` ('llava' or 'llava_next') with text model ``text`` (one of
-    ``tiny.TEXT_KINDS``), saved once per session."""
-    return save_tiny(_ROOT / f"{kind}-{text}-{num_layers}", kind, num_layers=num_layers, text=text)
+    ``tiny.TEXT_KINDS``) and ``kv_heads`` key/value heads (of 4), saved once per session."""
+    name = f"{kind}-{text}-{num_layers}" + ("" if kv_heads == 2 else f"-kv{kv_heads}")
+    return save_tiny(_ROOT / name, kind, num_layers=num_layers, text=text, kv_heads=kv_heads)
 
 
 def image(width: int, height: int, seed: int = 0) -> Image.Image:
