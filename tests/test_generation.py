@@ -246,3 +246,17 @@ def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     finally:
         shortv.__dict__.pop("_compiled_call", None)
     assert torch.equal(compiled, eager)
+
+
+@params(frozen=[(4, 1, 3)], models=[("llava", "llama"), ("llava", "qwen2_sliding")])
+def test_one_prompt_image_prefill_compiles_with_fullgraph(kind, text, frozen):
+    """The captured path: for one prompt the text width comes from the host (sequence length minus the image
+    features), so the whole prefill with images traces as one graph (CUDA graphs need that) and agrees."""
+    shortv, _ = pair(kind, text, frozen)
+    inputs = batch(processor(kind), [(Q, [image(40, 50, 0)])])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = shortv(**inputs, logits_to_keep=1, use_cache=False).logits
+        compiled = torch.compile(shortv.forward, fullgraph=True, backend="eager")
+        traced = compiled(**inputs, logits_to_keep=1, use_cache=False).logits
+    assert (traced - eager).abs().max() <= 1e-5
