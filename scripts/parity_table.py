@@ -27,19 +27,9 @@ from oracle import oracle_hooks  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from shortv_export.models import load_shortv  # noqa: E402
-from shortv_export.tiny import save_tiny  # noqa: E402
+from shortv_export.tiny import FAMILIES, save_tiny  # noqa: E402
 
 FROZEN = [4, 1, 3]
-FAMILIES = [
-    ("llava", "llama"),
-    ("llava_next", "llama"),
-    ("llava", "mistral"),
-    ("llava", "mistral_sliding"),
-    ("llava", "qwen2"),
-    ("llava", "qwen2_sliding"),
-    ("llava_next", "mistral_sliding"),
-    ("llava_next", "qwen2_sliding"),
-]
 
 
 def picture(width, height, seed):

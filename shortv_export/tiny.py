@@ -51,6 +51,17 @@ def make_tokenizer():
 
 SLIDING_WINDOW = 6
 TEXT_KINDS = ("llama", "mistral", "mistral_sliding", "qwen2", "qwen2_sliding")
+# (kind, text) pairs the exactness checks cover: every text family, with and without a sliding window
+FAMILIES = (
+    ("llava", "llama"),
+    ("llava_next", "llama"),
+    ("llava", "mistral"),
+    ("llava", "mistral_sliding"),
+    ("llava", "qwen2"),
+    ("llava", "qwen2_sliding"),
+    ("llava_next", "mistral_sliding"),
+    ("llava_next", "qwen2_sliding"),
+)
 
 
 def text_config(text: str, **common):

@@ -12,19 +12,10 @@ from oracle import oracle_hooks
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from shortv_export.models import load_shortv
+from shortv_export.tiny import FAMILIES
 
 FROZEN = [4, 1, 3]  # of 6 layers; lowest LC first, so deliberately unsorted
-# (kind, text model): every text family, with and without a sliding window shorter than the prompts
-MODELS = [
-    ("llava", "llama"),
-    ("llava_next", "llama"),
-    ("llava", "mistral"),
-    ("llava", "mistral_sliding"),
-    ("llava", "qwen2"),
-    ("llava", "qwen2_sliding"),
-    ("llava_next", "mistral_sliding"),
-    ("llava_next", "qwen2_sliding"),
-]
+MODELS = FAMILIES  # every text family, with and without a sliding window shorter than the prompts
 model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Q = "what is the color of the shape ?"
