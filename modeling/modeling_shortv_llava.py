@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import (
+    DynamicCache,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaNextForConditionalGeneration,
@@ -83,13 +84,15 @@ class ShortVAttention:
         index = shortv["index"]  # [B, T, D]
         n_text = index.shape[1]
 
-        query = self.q_proj(hidden_states.gather(1, index)).view(batch, n_text, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        query = _rope(query, *shortv["position_embeddings"])
         key = _rope(key, *(t.unsqueeze(1) for t in position_embeddings))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
+        if n_text == 0:  # only image tokens here (a prefill chunk): nothing is a query
+            return hidden_states.new_zeros(batch, 0, self.o_proj.out_features), None
+        query = self.q_proj(hidden_states.gather(1, index)).view(batch, n_text, -1, self.head_dim).transpose(1, 2)
+        query = _rope(query, *shortv["position_embeddings"])
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(
@@ -264,20 +267,27 @@ class ShortVModelMixin:
             masks[kind] = mask
         return text_rows_inputs(self.language_model, text_index, valid, masks, position_ids)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, *, attention_mask=None, position_ids=None, **kwargs):
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
-        if self.shortv_layers and (pixel_values is not None or encoded.get("image") is not None):
+        has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+        if self.shortv_layers and (has_pixels or encoded.get("image") is not None):
             if encoded.get("image") is None:  # encode here, as the stock forward would, to count the features
+                flags = {k: kwargs[k] for k in ("output_attentions", "output_hidden_states") if k in kwargs}
                 encoded["image"] = self.get_image_features(
                     pixel_values=pixel_values,
                     image_sizes=kwargs.get("image_sizes"),
                     vision_feature_layer=kwargs.get("vision_feature_layer"),
                     vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
                     return_dict=True,
+                    **flags,
                 )
                 pixel_values, kwargs["mm_encoder_outputs"] = None, encoded
-            n_visual = sum(features.shape[0] for features in encoded["image"].pooler_output)
+            hidden = self.language_model.config.hidden_size
+            n_visual = sum(features.numel() for features in encoded["image"].pooler_output) // hidden
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            use_cache = kwargs.get("use_cache")
+            if cache is None and (self.language_model.config.use_cache if use_cache is None else use_cache):
+                cache = DynamicCache(config=self.language_model.config)  # masks as the text model builds them
             kwargs["shortv"] = self._shortv_inputs(
                 input_ids, kwargs.get("inputs_embeds"), attention_mask, position_ids, cache, n_visual
             )

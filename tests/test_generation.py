@@ -260,3 +260,48 @@ def test_one_prompt_image_prefill_compiles_with_fullgraph(kind, text, frozen):
         compiled = torch.compile(shortv.forward, fullgraph=True, backend="eager")
         traced = compiled(**inputs, logits_to_keep=1, use_cache=False).logits
     assert (traced - eager).abs().max() <= 1e-5
+
+
+@params(frozen=[(0, 4, 1, 3)], models=[("llava", "llama"), ("llava_next", "llama"), ("llava", "qwen2_sliding")])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_chunked_prefill_equals_oracle(kind, text, frozen, rows):
+    """generate(prefill_chunk_size=5): some chunks hold image tokens only (no query in a frozen layer, K/V still
+    cached), others mix text and image rows."""
+    shortv, stock = pair(kind, text, frozen)
+    inputs = padded_batch(kind) if rows == 2 else batch(processor(kind), [(Q, [image(40, 50, 0)])])
+    kw = gen_kwargs(shortv, do_sample=False, prefill_chunk_size=5)
+    ours, ref = generate_both(shortv, stock, frozen, inputs, **kw)
+    assert torch.equal(ours, ref)
+    with torch.no_grad():
+        assert torch.equal(ours, shortv.generate(**inputs, **gen_kwargs(shortv, do_sample=False)))
+
+
+@params(frozen=[(4, 1, 3)], models=[("llava", "llama"), ("llava", "mistral_sliding")])
+def test_packed_looking_position_ids_without_a_mask_equal_oracle(kind, text, frozen):
+    """With the cache on (the default), the stock model never reads position_ids as packed sequences; neither
+    may the frozen layers' masks."""
+    shortv, stock = pair(kind, text, frozen)
+    inputs = batch(processor(kind), [(Q, [image(40, 50, 0)])])
+    ids = inputs["input_ids"]
+    positions = torch.cat([torch.arange(10), torch.arange(ids.shape[1] - 10)]).unsqueeze(0)
+    call = dict(input_ids=ids, pixel_values=inputs["pixel_values"], position_ids=positions)
+    with torch.no_grad():
+        ours = shortv(**call).logits
+        with oracle_hooks(stock, list(frozen), shortv.config.image_token_id):
+            ref = stock(**call).logits
+    assert (ours - ref).abs().max() <= 1e-5
+
+
+def test_image_features_given_as_one_tensor_equal_oracle():
+    """mm_encoder_outputs whose pooler_output is one [images, tokens, hidden] tensor (stock accepts it): the
+    batch-1 text width counts features, not tensors."""
+    shortv, stock = pair("llava", "llama", (4, 1, 3))
+    inputs = batch(processor("llava"), [(Q, [image(40, 50, 0)])])
+    with torch.no_grad():
+        features = stock.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        features.pooler_output = [torch.stack(list(features.pooler_output))]
+        call = dict(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": features})
+        ours = shortv(**call).logits
+        with oracle_hooks(stock, [4, 1, 3], shortv.config.image_token_id):
+            ref = stock(**call).logits
+    assert (ours - ref).abs().max() <= 1e-5
