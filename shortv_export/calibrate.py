@@ -105,7 +105,9 @@ def resolve_dtype(dtype: str, device: str | None, device_map: str | None) -> tor
 
 def load_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
     """The base model (stock class, one copy) and its processor, ready for calibration."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from .load import load_processor
 
     torch_dtype = resolve_dtype(dtype, device, device_map)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,7 +117,7 @@ def load_model(source: Source, *, device: str | None = None, dtype: str = "auto"
     model = AutoModelForImageTextToText.from_pretrained(source.path, **kwargs).eval()
     if not device_map:
         model.to(device)
-    return model, AutoProcessor.from_pretrained(source.path)
+    return model, load_processor(source.path)
 
 
 class _Batch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .flops import format_flops
 from .load import Source
 
 PAPER = "https://arxiv.org/abs/2504.00502"
@@ -12,22 +13,27 @@ PAPER = "https://arxiv.org/abs/2504.00502"
 def model_card(
     source: Source,
     layers: list[int],
-    flops: dict[str, float],
+    flops: dict[str, Any],
     command: str,
-    fidelity: dict[str, Any] | None = None,
+    *,
+    lc: Any = None,
     has_plot: bool = False,
     license: str | None = None,
     repo: str = "REPO",
     verification: dict[str, Any] | None = None,
     onnx: bool = False,
+    base_model: str | None = None,
 ) -> str:
     """A Hub model card: YAML metadata, usage (transformers, ONNX Runtime), the frozen layers, the LC plot, FLOPs,
-    the verification figures and the command that made it. ``repo``: the Hub id (or folder) the usage loads."""
-    base = source.repo_id or source.name
+    the verification figures and the command that made it. ``repo``: the Hub id (or folder name) the usage loads;
+    ``base_model``: the base's Hub id when the source is a local folder; ``lc``: the calibrate.LCResult."""
+    hub_base = base_model or source.repo_id
+    base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{source.name}` (a local checkpoint)"
+    fidelity = lc.fidelity if lc is not None else None
     n, total = len(layers), source.num_layers
     meta = [
         "---",
-        f"base_model: {base}" if source.repo_id else None,
+        f"base_model: {hub_base}" if hub_base else None,
         "library_name: transformers",
         "pipeline_tag: image-text-to-text",
         f"license: {license}" if license else None,
@@ -42,7 +48,7 @@ def model_card(
         "",
         f"# {source.name} with ShortV (N={n} of {total} layers frozen for visual tokens)",
         "",
-        f"This is [{base}](https://huggingface.co/{base}) with [ShortV]({PAPER}) (Yuan et al., 2025): in {n} of "
+        f"This is {base} with [ShortV]({PAPER}) (Yuan et al., 2025): in {n} of "
         f"its {total} decoder layers, visual tokens are frozen during prefill: only text tokens are queries and "
         "go through the MLP, while visual tokens keep their hidden state (their keys and values are still "
         "computed). The weights are the base model's, unchanged; `modeling_shortv_llava.py` holds the small "
@@ -77,17 +83,18 @@ def model_card(
             [
                 f"On the {fidelity['samples']} calibration samples, with all {len(layers)} layers frozen together: "
                 f"mean KL to the base model {fidelity['mean_kl']:.4g}, top-1 next-token agreement "
-                f"{fidelity['top1_agreement']:.1%}.",
+                f"{fidelity['top1_agreement']:.1%}.{_below_floor(fidelity)}",
                 "",
             ]
             if fidelity
             else []
         ),
+        *(_text_lc(lc, has_plot) if lc is not None and lc.text is not None else []),
         "## Prefill FLOPs (decoder layers)",
         "",
-        f"For {flops['n_visual']} visual + {flops['n_text']} text tokens: {flops['vanilla_tflops']:.2f} TFLOPs "
-        f"vanilla, {flops['shortv_tflops']:.2f} TFLOPs ShortV, ratio {flops['ratio']:.3f} "
-        f"(ideal prefill speed-up {flops['ideal_speedup']:.2f}x).",
+        f"For {flops['n_visual']} visual + {flops['n_text']} text tokens ({_tokens_from(flops)}): "
+        f"{format_flops(flops['vanilla_tflops'])} vanilla, {format_flops(flops['shortv_tflops'])} ShortV, ratio "
+        f"{flops['ratio']:.3f} (ideal prefill speed-up {flops['ideal_speedup']:.2f}x).",
         "",
         *(_verification(verification) if verification else []),
         "## Reproduce",
@@ -122,17 +129,45 @@ def _onnx_usage(repo: str) -> list[str]:
     ]
 
 
+def _below_floor(f: dict[str, Any]) -> str:
+    floor = f.get("min_agreement")
+    if floor is None or f["top1_agreement"] >= floor:
+        return ""
+    good = f.get("largest_n_above_min_agreement", 0)
+    keeps = f"; freezing the {good} lowest-LC layers keeps {f['largest_n_top1_agreement']:.1%}" if good else ""
+    return f" That is below the {floor:.0%} this conversion was asked to keep{keeps}."
+
+
+def _tokens_from(flops: dict[str, Any]) -> str:
+    return {
+        "calibration set mean": "the calibration set's mean per prompt",
+        "typical prompt": "one typical image and a 64-token prompt",
+    }.get(flops.get("tokens_from"), "per prompt")
+
+
+def _text_lc(lc, has_plot: bool) -> list[str]:
+    visual, text = sum(lc.visual) / len(lc.visual), sum(lc.text) / len(lc.text)
+    return [
+        "Text-token LC (the paper's contrast: text tokens frozen in one layer instead) is in `lc.json` (`text`)"
+        f"{' and on the plot' if has_plot else ''}: a mean of {text:.4g} per layer against {visual:.4g} for "
+        "visual tokens, which is why only visual tokens are frozen.",
+        "",
+    ]
+
+
 def _verification(v: dict[str, Any]) -> list[str]:
+    diff = v["max_abs_logits_diff_vs_in_process"]
+    match = "exactly" if diff == 0 else f"within {diff:.2g} (tolerance {v['tolerance']:.2g})"
     return [
         "## Verification",
         "",
-        f"Before publishing, this folder was reloaded in a fresh process with `transformers` alone "
+        f"After it was written, this folder was reloaded in a fresh process with `transformers` alone "
         f"(`{v['class']}`, trust_remote_code) and run on {v['samples']} calibration prompts: its logits match the "
-        f"in-process ShortV model within {v['max_abs_logits_diff_vs_in_process']:.2g} (tolerance "
-        f"{v['tolerance']:.2g}), no weight is missing or unexpected, and against the base model the mean KL of "
-        f"the next-token distribution is {v['mean_kl_vs_base']:.4g} with {v['top1_agreement_vs_base']:.0%} top-1 "
-        f"agreement. Greedy generation for a padded batch of {v['generate_rows']} prompts ({v['generate_new_tokens']} "
-        "new tokens) gives the same tokens with the KV cache as without it, and as the in-process model. "
+        f"in-process ShortV model {match}, no weight is missing or unexpected, and against the base model the "
+        f"mean KL of the next-token distribution is {v['mean_kl_vs_base']:.4g} with "
+        f"{v['top1_agreement_vs_base']:.0%} top-1 agreement. Greedy generation for a padded batch of "
+        f"{v['generate_rows']} prompts ({v['generate_new_tokens']} new tokens) gives the same tokens with the KV "
+        "cache as without it, and as the in-process model. "
         f"Checked with transformers {v['transformers']}.",
         "",
     ]

@@ -142,6 +142,18 @@ def format_prompt(processor, prompt: str) -> str:
     return FALLBACK_TEMPLATE.format(prompt=prompt)
 
 
+def token_counts(processor, calib: CalibrationSet, image_token_id: int) -> tuple[float, float]:
+    """Mean visual and text tokens per sample, as calibration sees them (chat template, processor), without a
+    model: what the FLOPs of a dry run are counted at."""
+    visual = text = 0
+    for s in calib.samples:
+        ids = processor(images=[s.load_image()], text=[format_prompt(processor, s.prompt)], return_tensors="np")
+        ids = ids["input_ids"][0]
+        n_image = int((ids == image_token_id).sum())
+        visual, text = visual + n_image, text + len(ids) - n_image
+    return visual / len(calib.samples), text / len(calib.samples)
+
+
 def prompt_batch(processor, samples: list[Sample]) -> dict:
     """Processor inputs (torch) for ``samples``, left-padded so the last position is every row's last prompt
     token, each prompt in the chat template with its own image."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,10 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShortVError
-from .models import SUPPORTED, SUPPORTED_TEXT
 
+# What this tool converts (shortv_export.models maps each to its ShortV classes; kept here, import-light).
+SUPPORTED = ("llava", "llava_next")
+SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
 # What a conversion needs from a Hub repo: configs, tokenizer/processor files, chat template, safetensors.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md"]
+PROCESSOR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md"]
+HUB_PATTERNS = [*PROCESSOR_PATTERNS, "*.safetensors"]
+# A processor needs an image processor config and a tokenizer; which files say so.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -58,11 +65,11 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
         path, repo_id, files = local.resolve(), None, sorted(p.name for p in local.iterdir() if p.is_file())
     elif local.exists():
         raise ShortVError(f"{model} is a file; MODEL must be a checkpoint folder or a Hub repo id")
-    elif _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
+    elif _looks_local(model):
+        raise ShortVError(f"{model}: no such folder{_nearby(local)}")
+    else:
         path, files = _download(model, revision, config_only), None
         repo_id = model
-    else:
-        raise ShortVError(f"{model}: no such folder, and not a Hub repo id")
     if files is None:
         files = _hub_files(model, revision) if config_only else sorted(p.name for p in path.iterdir() if p.is_file())
     config_file = path / "config.json"
@@ -83,6 +90,36 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
     return source
 
 
+def load_processor(path: str | Path):
+    """The checkpoint's processor (image processor, tokenizer, chat template), or a one-line ShortVError."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except Exception as err:  # transformers raises many types here
+        raise ShortVError(f"the processor in {path} does not load: {_short(err)}") from None
+
+
+def _looks_local(model: str) -> bool:
+    """A path rather than a Hub id: not of the form name or owner/name, or its first part is a local folder
+    (``examples/tiny-llava`` where ``examples/`` exists)."""
+    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
+        return True
+    return "/" in model and Path(model.split("/")[0]).is_dir()
+
+
+def _nearby(path: Path) -> str:
+    """'; did you mean ...' from the folders beside ``path``, when one is close."""
+    import difflib
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f" (and {parent} does not exist either)"
+    folders = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    close = difflib.get_close_matches(path.name, folders, n=1, cutoff=0.5)
+    return f"; did you mean {parent / close[0]}?" if close else ""
+
+
 def check_supported(source: Source, files: list[str]) -> None:
     model_type = source.config.get("model_type")
     if model_type in ("shortv_llava", "shortv_llava_next"):
@@ -100,6 +137,13 @@ def check_supported(source: Source, files: list[str]) -> None:
     if text_type not in SUPPORTED_TEXT:
         raise ShortVError(
             f"{source.model_id}: unsupported language model {text_type!r}; supported: {', '.join(SUPPORTED_TEXT)}"
+        )
+    missing = [" or ".join(names) for names in (IMAGE_PROCESSOR_FILES, TOKENIZER_FILES) if not set(names) & set(files)]
+    if missing:
+        raise ShortVError(
+            f"{source.model_id} has no processor: missing {'; '.join(missing)}. Calibration and the written "
+            "checkpoint need the base model's image processor and tokenizer; copy them into the folder "
+            "(e.g. from the Hub repo it came from)"
         )
     if not source.weights:
         pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
@@ -143,10 +187,40 @@ def _hub_call(model: str, fn, *args, **kwargs):
 
 
 def _download(model: str, revision: str | None, config_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
+    """Fetch ``model`` (without its weights when ``config_only``). Offline, or with no route to the Hub, fail at
+    once with the reason rather than after the client's retries."""
+    from huggingface_hub import constants, snapshot_download
 
-    patterns = ["*.json"] if config_only else HUB_PATTERNS
+    patterns = PROCESSOR_PATTERNS if config_only else HUB_PATTERNS
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        try:
+            return Path(snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            raise ShortVError(
+                f"{model} is not a local folder, offline mode is on (HF_HUB_OFFLINE=1) and the Hub cache has no "
+                "copy of it: download it once online, or pass a local folder"
+            ) from None
+    _check_reachable(model)
     return Path(_hub_call(model, snapshot_download, model, revision=revision, allow_patterns=patterns))
+
+
+def _check_reachable(model: str, timeout: float = 3.0) -> None:
+    """Fail fast, with the reason, when the Hub endpoint's host cannot be resolved or connected to."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise ShortVError(
+            f"{model} is not a local folder and the Hub ({constants.ENDPOINT}) cannot be reached: "
+            f"{err.strerror or err}. Check your connection, or pass a local folder (offline with a cached "
+            "copy: HF_HUB_OFFLINE=1)"
+        ) from None
 
 
 def _hub_files(model: str, revision: str | None) -> list[str]:
@@ -156,5 +230,5 @@ def _hub_files(model: str, revision: str | None) -> list[str]:
 
 
 def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 200 else text[:197] + "..."
+    """The whole reason, on one line."""
+    return " ".join(str(err).split())

@@ -15,7 +15,6 @@ SUPPORTED = {  # base model_type -> (ShortV model_type, config class, model clas
     "llava": ("shortv_llava", ShortVLlavaConfig, ShortVLlavaForConditionalGeneration),
     "llava_next": ("shortv_llava_next", ShortVLlavaNextConfig, ShortVLlavaNextForConditionalGeneration),
 }
-SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
 MODELING_FILES = ("configuration_shortv_llava.py", "modeling_shortv_llava.py")
 MODELING_DIR = Path(modeling_shortv_llava.__file__).resolve().parent  # the repo's modeling/, installed
 

@@ -34,13 +34,16 @@ class PlannedFile:
     how: str  # "link", "copy" or "new"
 
 
-def plan_files(source: Source, extra: dict[str, bytes] | None = None) -> list[PlannedFile]:
-    """Every file the output folder will hold, in write order (weights last)."""
+def plan_files(source: Source, extra: dict[str, bytes | None] | None = None) -> list[PlannedFile]:
+    """Every file the output folder will hold, in write order (weights last). ``extra``: generated files (None:
+    content not known yet). Weights a Hub source has not downloaded yet (a dry run) are listed by name."""
     plan = [PlannedFile("config.json", None, None, "new")]
     plan += [
         PlannedFile(name, MODELING_DIR / name, (MODELING_DIR / name).stat().st_size, "copy") for name in MODELING_FILES
     ]
-    plan += [PlannedFile(name, None, len(data), "new") for name, data in (extra or {}).items()]
+    plan += [
+        PlannedFile(name, None, None if data is None else len(data), "new") for name, data in (extra or {}).items()
+    ]
     base_files = sorted(p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("."))
     for path in base_files:
         name = path.name
@@ -48,6 +51,8 @@ def plan_files(source: Source, extra: dict[str, bytes] | None = None) -> list[Pl
             continue
         size = path.stat().st_size if path.exists() else None
         plan.append(PlannedFile(name, path, size, "link" if name.endswith(".safetensors") else "copy"))
+    listed = {f.name for f in plan}
+    plan += [PlannedFile(name, None, None, "download, link") for name in source.weights if name not in listed]
     return sorted(plan, key=lambda f: f.name.endswith(".safetensors"))
 
 

@@ -217,7 +217,38 @@ def test_offline_hub_id_is_a_clear_error(tmp_path):
         main, ["llava-hf/llava-1.5-7b-hf", "--layers", "paper"]
     )
     assert result.exit_code == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and "cannot be reached" in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: llava-hf/llava-1.5-7b-hf is not a local folder, offline mode is on (HF_HUB_OFFLINE=1) and the Hub "
+        "cache has no copy of it: download it once online, or pass a local folder"
+    ]
+
+
+def test_unreachable_hub_is_a_clear_error_with_the_whole_reason(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    result = CliRunner().invoke(main, ["llava-hf/llava-1.5-7b-hf", "--dry-run"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: llava-hf/llava-1.5-7b-hf is not a local folder and the Hub (http://127.0.0.1:9)")
+    assert "Connection refused" in line and "..." not in line
+
+
+def test_a_mistyped_local_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "examples" / "tiny-llava-easyvqa").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for model, expected in (
+        (
+            "examples/tiny-llava",
+            "Error: examples/tiny-llava: no such folder; did you mean examples/tiny-llava-easyvqa?",
+        ),
+        ("./nowhere", "Error: ./nowhere: no such folder"),
+        ("a/b/c", "Error: a/b/c: no such folder (and a/b does not exist either)"),
+    ):
+        result = CliRunner().invoke(main, [model, "--dry-run"])
+        assert result.exit_code == 2 and result.stderr.strip() == expected, result.stderr
 
 
 def test_interrupted_write_leaves_no_output(tmp_path, monkeypatch):

@@ -1,0 +1,456 @@
+"""The pipeline as one library call: ``convert(model, ...)`` runs the stages once each, in order (load,
+calibrate or reuse, select, write with its model card, export, verify, publish), handing each a plain result,
+and returns a ``ConvertResult``. The ``shortv-export`` command parses its options, calls this, and prints.
+
+    from shortv_export import convert
+    result = convert("llava-hf/llava-1.5-7b-hf", n=19, out="llava7b-shortv")
+    result.layers, result.flops["ratio"], result.verification["mean_kl_vs_base"]
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ShortVError
+
+DEFAULT_TEXT_TOKENS = 64  # the text of a typical prompt, for FLOPs when no calibration set was run
+MIN_AGREEMENT = 0.9
+
+
+@dataclass
+class CalibrationOptions:
+    """How LC is measured (the CLI's --calib ... --device-map), and the fidelity floor ``min_agreement``: below
+    it the run warns and names the largest N that stays above it."""
+
+    calib: str | None = None  # None: the embedded set; FILE.jsonl, an image folder, or hf:NAME[:split]
+    samples: int | None = None
+    seed: int = 0
+    image_column: str = "image"
+    prompt_column: str | None = None
+    modality: str = "visual"  # or "both": also text-token LC
+    batch_size: int = 8
+    device: str | None = None
+    dtype: str = "auto"
+    device_map: str | None = None
+    min_agreement: float = MIN_AGREEMENT
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced (or, with ``dry_run``, would produce)."""
+
+    model_id: str
+    kind: str  # llava or llava_next
+    num_layers: int
+    n: int  # layers frozen
+    layers: list[int] | None  # frozen layers, lowest LC first (None in a dry run that would calibrate)
+    flops: dict[str, Any]  # flops.flops_summary, with "tokens_from": what the token counts are
+    command: str  # the shortv-export command that reproduces it
+    out: Path | None = None
+    files: list = field(default_factory=list)  # write.PlannedFile of the output folder
+    lc: Any = None  # calibrate.LCResult, with .fidelity, when the layers were calibrated
+    onnx: dict[str, Any] | None = None  # the export's validation figures
+    verification: dict[str, Any] | None = None
+    pushed: Any = None  # publish.PushResult
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def convert(
+    model: str,
+    *,
+    n: int | None = None,
+    layers: str | list[int] | None = None,
+    target_flops: float | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    calibration: CalibrationOptions | None = None,
+    onnx: bool = False,
+    onnx_dtype: str = "fp32",
+    verify: bool = True,
+    push: bool = False,
+    repo_id: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+    model_revision: str | None = None,
+    base_model: str | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Convert ``model`` (a Hub id or a local folder) into a standalone ShortV checkpoint.
+
+    Layers: ``layers`` (ids, lowest LC first, as a list or "31,29,30", or "paper"), else the ``n`` lowest-LC
+    layers (default 60%), or the fewest whose FLOPs ratio is <= ``target_flops``. ``base_model``: the Hub id
+    the card names when ``model`` is a local folder. ``log`` receives one line per step (default: print when
+    ``progress``). Raises ShortVError on anything the user can fix; nothing is left half-written.
+    """
+    from .publish import check_push_options
+
+    calibration = calibration or CalibrationOptions()
+    say = log or (print if progress else _silent)
+    if (repo_id or private or revision or create_pr or commit_message) and not push:
+        raise ShortVError("--repo-id/--private/--revision/--create-pr/--commit-message only apply with --push")
+    check_push_options(revision, create_pr)  # before any long work
+    if layers is not None and (n is not None or target_flops is not None):
+        raise ShortVError("--layers gives the layers itself; drop --n / --target-flops")
+    if n is not None and target_flops is not None:
+        raise ShortVError("give --n or --target-flops, not both")
+    if calibration.batch_size < 1:
+        raise ShortVError(f"--batch-size {calibration.batch_size}: must be at least 1")
+    if not 0 <= calibration.min_agreement <= 1:
+        raise ShortVError(f"--min-agreement {calibration.min_agreement}: must be a share in [0, 1]")
+    missing_onnx = _missing_onnx_modules() if onnx else []
+    if missing_onnx and not dry_run:
+        raise ShortVError(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]' (or [gpu])")
+    if not progress:
+        _quiet_libraries()
+
+    # 1. load
+    from .load import resolve_model
+    from .select import check_n, default_n, parse_layers
+
+    source = resolve_model(model, revision=model_revision, config_only=dry_run)
+    total = source.num_layers
+    say(f"{source.model_id}: {source.kind}, {total} decoder layers")
+    if n is not None:
+        check_n(n, total)
+    if isinstance(layers, str):
+        layers = parse_layers(layers, total, source.model_id, source.name)
+    elif layers is not None:
+        layers = parse_layers(",".join(map(str, layers)), total, source.model_id, source.name)
+    out = Path(out) if out is not None else None
+    result = ConvertResult(source.model_id, source.kind, total, 0, layers, {}, "", out=out, dry_run=dry_run)
+    if missing_onnx:
+        result.warnings.append(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]'")
+
+    # 2. calibrate (or reuse lc.json) and 3. select
+    from .write import check_output
+
+    if layers is None:
+        planned = n if n is not None else None if target_flops is not None else default_n(total)
+        if result.out is None and planned is not None:
+            result.out = Path(f"{source.name}-shortv-n{planned}")
+        if result.out is not None:
+            check_output(result.out, overwrite, source)
+        if dry_run:
+            return _dry_run_plan(result, source, planned, target_flops, calibration, onnx, onnx_dtype, say)
+        lc = _calibrate(source, result.out, calibration, planned, target_flops, progress, say)
+        result.lc, result.layers = lc, lc.fidelity["layers"]
+        say(f"LC order (lowest first): {lc.order}")
+        f = lc.fidelity
+        say(
+            f"all {len(result.layers)} frozen together: mean KL {f['mean_kl']:.4g}, top-1 agreement "
+            f"{f['top1_agreement']:.1%} on {f['samples']} samples"
+        )
+        if warning := _agreement_warning(f):
+            result.warnings.append(warning)
+    result.n = len(result.layers)
+    result.out = result.out or Path(f"{source.name}-shortv-n{result.n}")
+    check_output(result.out, overwrite, source)
+    result.flops = _flops(source, result.layers, result.lc)
+    result.command = _command(model, result, target_flops, calibration)
+    say(f"frozen for visual tokens: {result.n} layers {result.layers}")
+    say(_flops_line(result.flops))
+
+    # 4. write, with the card, and 5. export (inside the atomic write: a failed export leaves nothing)
+    from .card import base_license
+    from .write import plan_files, write_checkpoint
+
+    extra = {}
+    if result.lc is not None:
+        extra["lc.json"] = result.lc.to_json().encode()
+        extra.update({"lc.png": None} if dry_run else _plot(result.lc, source.name))
+    license = base_license(source)
+    card = lambda repo, verification=None: _card(  # noqa: E731
+        source, result, "lc.png" in extra, license, base_model, repo, verification, onnx
+    ).encode()
+    extra["README.md"] = card(result.out.name)
+    result.files = plan_files(source, extra)
+    if dry_run:
+        if onnx:
+            say(f"would export ONNX graphs ({onnx_dtype}) to {result.out}/onnx/")
+        return result
+
+    def export(folder: Path) -> None:
+        from .onnx_export import export_onnx
+
+        result.onnx = export_onnx(folder, dtype=onnx_dtype, progress=progress).validation
+        v = result.onnx
+        say(
+            f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts: max |logits diff| "
+            f"{v['max_abs_logits_diff']:.2e} (tolerance {v['tolerance']:.2e}), max |hidden diff| "
+            f"{v['max_abs_hidden_diff']:.2e}, top-1 {'agrees' if v['top1_agree'] else 'differs'}"
+        )
+
+    result.out = write_checkpoint(
+        source,
+        result.layers,
+        result.out,
+        overwrite=overwrite,
+        extra=extra,
+        progress=_progress("writing") if progress else None,
+        finalize=export if onnx else None,
+    )
+    say(f"wrote {result.out}")
+    if not (verify or push):
+        return result
+
+    # 6. verify, then 7. publish
+    from .publish import Publisher
+    from .verify import verify_folder
+
+    # the token and offline mode are checked before the (slower) verification
+    publisher = (
+        Publisher(result.out, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr)
+        if push
+        else None
+    )
+    say("verifying: reloading the folder in a fresh process with transformers alone")
+    try:
+        result.verification = v = verify_folder(result.out, source.path, result.layers)
+    except ShortVError as err:
+        raise ShortVError(f"{err}. {result.out} is written but was not pushed" if push else str(err)) from None
+    say(
+        f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
+        f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
+        f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; greedy tokens with the cache "
+        "equal those without it"
+    )
+    repo = publisher.resolve_repo_id() if push else result.out.name
+    _replace(result.out / "README.md", card(repo, v))
+    if push:
+        say(f"pushing {result.out} to {repo}" + (f" ({revision})" if revision else ""))
+        result.pushed = publisher.push(commit_message)
+    return result
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _quiet_libraries() -> None:
+    """No progress bars from transformers (weights loading) or huggingface_hub (downloads, uploads) either."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bars()
+    disable_progress_bar()
+
+
+def _missing_onnx_modules() -> list[str]:
+    import importlib.util
+
+    return [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+
+
+def _set_description(name: str) -> str:
+    return "the embedded set (real photographs, 20 questions + 20 caption prompts)" if name == "default" else name
+
+
+def _dry_run_plan(result, source, planned, target_flops, calibration, onnx, onnx_dtype, say) -> ConvertResult:
+    """A dry run without --layers: the N that would be frozen and its FLOPs at the calibration set's token counts,
+    counted with the processor alone (no model is loaded), and the files."""
+    from .data import load_calibration, token_counts
+    from .load import load_processor
+    from .select import smallest_n_for_flops
+    from .write import plan_files
+
+    calib = load_calibration(
+        calibration.calib,
+        samples=calibration.samples,
+        seed=calibration.seed,
+        image_column=calibration.image_column,
+        prompt_column=calibration.prompt_column,
+    )
+    n_visual, n_text = token_counts(load_processor(source.path), calib, source.hf_config.image_token_id)
+    text_config = source.hf_config.text_config
+    if planned is None:
+        planned = smallest_n_for_flops(text_config, list(range(source.num_layers)), target_flops, n_visual, n_text)
+        result.out = result.out or Path(f"{source.name}-shortv-n{planned}")
+    result.n = planned
+    # every decoder layer has the same shape: any N layers cost the same, whichever LC picks
+    result.flops = _flops_at(text_config, n_visual, n_text, list(range(planned)), "calibration set mean")
+    result.command = _command(source.model_id, result, target_flops, calibration)
+    rule = f"the {planned} lowest-LC layers" + (f" (FLOPs ratio <= {target_flops})" if target_flops else "")
+    say(f"would calibrate LC on {len(calib.samples)} samples of {_set_description(calib.name)} and freeze {rule}")
+    say(_flops_line(result.flops))
+    result.files = plan_files(source, dict.fromkeys(("README.md", "lc.json", "lc.png")))
+    if onnx:
+        say(f"would export ONNX graphs ({onnx_dtype}) to {result.out}/onnx/")
+    return result
+
+
+def _calibrate(source, out, calibration: CalibrationOptions, n, target_flops, progress, say):
+    """LC (reused from out/lc.json when it matches), the selected layers and their fidelity, as one LCResult."""
+    from .calibrate import calibrate, calibration_key, fidelity, load_model, resolve_dtype, reusable
+    from .data import load_calibration
+    from .select import lowest, smallest_n_for_flops
+
+    c = calibration
+    calib = load_calibration(
+        c.calib, samples=c.samples, seed=c.seed, image_column=c.image_column, prompt_column=c.prompt_column
+    )
+    for sample in calib.samples:  # fail on a missing or broken image before loading the model
+        sample.load_image()
+    model = processor = None
+    key = calibration_key(source, calib, c.modality, resolve_dtype(c.dtype, c.device, c.device_map))
+    lc = reusable(out / "lc.json", key) if out is not None else None
+    if lc is not None and (c.modality == "visual" or lc.text is not None):
+        say(f"reusing LC from {out / 'lc.json'} (same model and calibration set)")
+    else:
+        say(f"calibrating LC on {len(calib.samples)} samples of {_set_description(calib.name)}")
+        model, processor = load_model(source, device=c.device, dtype=c.dtype, device_map=c.device_map)
+        lc = calibrate(
+            model, processor, calib, modality=c.modality, batch_size=c.batch_size, progress=progress, key=key
+        )
+    if target_flops is not None:
+        n = smallest_n_for_flops(
+            source.hf_config.text_config,
+            lc.order,
+            target_flops,
+            lc.calibration["n_visual_mean"],
+            lc.calibration["n_text_mean"],
+        )
+        if n == 0:
+            raise ShortVError(f"--target-flops {target_flops}: already met with no frozen layer")
+    layers = lowest(lc.order, n)
+    floor = c.min_agreement
+    stored = lc.fidelity if lc.fidelity and lc.fidelity["layers"] == layers else None
+    if stored is None or stored.get("min_agreement") != floor:
+        if model is None:
+            model, processor = load_model(source, device=c.device, dtype=c.dtype, device_map=c.device_map)
+
+        def agreement(frozen: list[int]) -> dict:
+            return fidelity(model, processor, calib, frozen, batch_size=c.batch_size, progress=progress)
+
+        lc.fidelity = dict(stored or agreement(layers), min_agreement=floor)
+        if lc.fidelity["top1_agreement"] < floor:
+            say(
+                f"top-1 agreement {lc.fidelity['top1_agreement']:.1%} is below --min-agreement {floor:.0%}: "
+                "looking for the largest N that stays above it"
+            )
+            lc.fidelity.update(_largest_n_above(lc.order, len(layers), agreement, floor))
+    return lc
+
+
+def _largest_n_above(order: list[int], n_bad: int, agreement, floor: float) -> dict[str, Any]:
+    """The largest N < ``n_bad`` whose top-1 agreement is >= ``floor``, by bisection over the LC order (a few
+    fidelity passes; agreement falls with N, though not strictly)."""
+    good, good_share, bad = 0, 1.0, n_bad
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        share = agreement(order[:mid])["top1_agreement"]
+        if share >= floor:
+            good, good_share = mid, share
+        else:
+            bad = mid
+    return {"largest_n_above_min_agreement": good, "largest_n_top1_agreement": good_share}
+
+
+def _agreement_warning(f: dict[str, Any]) -> str | None:
+    """The warning for a selection whose top-1 agreement is below its ``min_agreement``, if it is."""
+    if f.get("min_agreement") is None or f["top1_agreement"] >= f["min_agreement"]:
+        return None
+    good = f.get("largest_n_above_min_agreement", 0)
+    advice = f"--n {good} keeps {f['largest_n_top1_agreement']:.1%}" if good else "no N >= 1 stays above it"
+    return (
+        f"top-1 next-token agreement with the base model is {f['top1_agreement']:.1%} with {len(f['layers'])} "
+        f"layers frozen, below --min-agreement {f['min_agreement']:.0%}; {advice} (a rerun into the same --out "
+        "reuses the LC)"
+    )
+
+
+def _flops(source, layers, lc) -> dict[str, Any]:
+    text_config = source.hf_config.text_config
+    if lc is not None:
+        n_visual, n_text = lc.calibration["n_visual_mean"], lc.calibration["n_text_mean"]
+        return _flops_at(text_config, n_visual, n_text, layers, "calibration set mean")
+    return _flops_at(text_config, _default_visual_tokens(source), DEFAULT_TEXT_TOKENS, layers, "typical prompt")
+
+
+def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str) -> dict[str, Any]:
+    from .flops import flops_summary
+
+    return dict(flops_summary(text_config, round(n_visual), round(n_text), layers), tokens_from=tokens_from)
+
+
+def _default_visual_tokens(source) -> int:
+    """Visual tokens of one typical image: LLaVA-1.5's fixed count, LLaVA-NeXT's 672x672 anyres (2880)."""
+    if source.kind == "llava_next":
+        return 2880
+    return int(source.config.get("image_seq_length", 576))
+
+
+def _flops_line(flops: dict[str, Any]) -> str:
+    from .flops import format_flops
+
+    return (
+        f"prefill FLOPs at {flops['n_visual']} visual + {flops['n_text']} text tokens ({flops['tokens_from']}): "
+        f"{format_flops(flops['vanilla_tflops'])} -> {format_flops(flops['shortv_tflops'])} "
+        f"(ratio {flops['ratio']:.3f}, ideal speed-up {flops['ideal_speedup']:.2f}x)"
+    )
+
+
+def _command(model: str, result: ConvertResult, target_flops, c: CalibrationOptions) -> str:
+    """The shortv-export command that reproduces the selection."""
+    if result.lc is None and result.layers is not None:
+        args = ["--layers", ",".join(map(str, result.layers))]
+    else:
+        args = ["--target-flops", str(target_flops)] if target_flops is not None else ["--n", str(result.n)]
+        if c.calib:
+            args += ["--calib", c.calib]
+        if c.samples:
+            args += ["--samples", str(c.samples), "--seed", str(c.seed)]
+        if c.modality != "visual":
+            args += ["--modality", c.modality]
+    return shlex.join(["shortv-export", model, *args])
+
+
+def _card(source, result, has_plot, license, base_model, repo, verification, onnx) -> str:
+    from .card import model_card
+
+    return model_card(
+        source,
+        result.layers,
+        result.flops,
+        result.command,
+        lc=result.lc,
+        has_plot=has_plot,
+        license=license,
+        repo=repo,
+        verification=verification,
+        onnx=onnx,
+        base_model=base_model,
+    )
+
+
+def _plot(lc, name) -> dict[str, bytes]:
+    import tempfile
+
+    from .calibrate import lc_plot_png
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lc.png"
+        if lc_plot_png(lc, path, title=f"{name}: Layer Contribution"):
+            return {"lc.png": path.read_bytes()}
+    return {}
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _progress(desc):
+    from tqdm.auto import tqdm
+
+    return lambda items: tqdm(items, desc=desc, unit="file")
