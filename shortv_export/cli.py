@@ -14,7 +14,7 @@ from .errors import ShortVError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(package_name="shortv-export", message="%(prog)s %(version)s")
+@click.version_option(package_name="shortv-export", prog_name="shortv-export", message="%(prog)s %(version)s")
 @click.argument("model")
 @click.option("--n", "n", type=int, help="Freeze the N lowest-LC layers [default: 60% of the layers].")
 @click.option(

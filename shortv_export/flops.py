@@ -58,8 +58,8 @@ def flops_summary(text_config: Any, n_visual: int, n_text: int, frozen_layers: I
 
 def format_flops(tflops: float) -> str:
     """TFLOPs in a unit that fits: '8.50 TFLOPs', '3.2 GFLOPs', '41.7 MFLOPs'."""
-    if tflops >= 0.01:
+    if tflops >= 0.1:
         return f"{tflops:.2f} TFLOPs"
-    if tflops >= 1e-5:
+    if tflops >= 1e-4:
         return f"{tflops * 1e3:.3g} GFLOPs"
     return f"{tflops * 1e6:.3g} MFLOPs"
