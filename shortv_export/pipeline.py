@@ -130,14 +130,14 @@ def convert(
     if missing_onnx:
         result.warnings.append(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]'")
 
-    # 2. calibrate (or reuse lc.json) and 3. select
+    # 2. calibrate (or reuse lc.json) and 3. select; the output folder is checked as soon as it is known
     from .write import check_output
 
     if layers is None:
         planned = n if n is not None else None if target_flops is not None else default_n(total)
         if result.out is None and planned is not None:
             result.out = Path(f"{source.name}-shortv-n{planned}")
-        if result.out is not None:
+        if result.out is not None:  # before the (long) calibration
             check_output(result.out, overwrite, source)
         if dry_run:
             return _dry_run_plan(result, source, planned, target_flops, calibration, onnx, onnx_dtype, say)
@@ -152,8 +152,9 @@ def convert(
         if warning := _agreement_warning(f):
             result.warnings.append(warning)
     result.n = len(result.layers)
-    result.out = result.out or Path(f"{source.name}-shortv-n{result.n}")
-    check_output(result.out, overwrite, source)
+    if result.out is None or layers is not None:  # not checked yet (--layers, or --target-flops named it now)
+        result.out = result.out or Path(f"{source.name}-shortv-n{result.n}")
+        check_output(result.out, overwrite, source)
     result.flops = _flops(source, result.layers, result.lc)
     result.command = _command(model, result, target_flops, calibration)
     say(f"frozen for visual tokens: {result.n} layers {result.layers}")
