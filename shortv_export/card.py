@@ -22,6 +22,7 @@ def model_card(
     repo: str = "REPO",
     verification: dict[str, Any] | None = None,
     onnx: bool = False,
+    onnx_validation: dict[str, Any] | None = None,
     base_model: str | None = None,
 ) -> str:
     """A Hub model card: YAML metadata, usage (transformers, ONNX Runtime), the frozen layers, the LC plot, FLOPs,
@@ -73,7 +74,7 @@ def model_card(
         '`AutoModel`, `pipeline("image-text-to-text")`, batches with padding, bf16/fp16, eager and SDPA '
         'attention and `device_map="auto"` work as with the base model. `trust_remote_code=True` is required.',
         "",
-        *(_onnx_usage(repo) if onnx else []),
+        *(_onnx_usage(repo, onnx_validation) if onnx else []),
         "## Frozen layers",
         "",
         f"`shortv_layers` = {layers} (lowest Layer Contribution first).",
@@ -110,7 +111,19 @@ def model_card(
     return "\n".join(lines)
 
 
-def _onnx_usage(repo: str) -> list[str]:
+def _onnx_usage(repo: str, v: dict[str, Any] | None) -> list[str]:
+    checked = (
+        [
+            f"Checked at export against PyTorch on {v['samples']} padded sample prompts, prefill and "
+            f"{v['decode_steps']} decode steps: max |logits diff| "
+            f"{max(v['max_abs_logits_diff'], v['max_abs_decode_logits_diff']):.2g} (tolerance {v['tolerance']:.2g}), "
+            f"max |KV cache diff| {v['max_abs_present_diff']:.2g}, greedy tokens "
+            f"{'the same' if v['greedy_tokens_agree'] else 'not all the same'}.",
+            "",
+        ]
+        if v
+        else []
+    )
     return [
         "### ONNX Runtime",
         "",
@@ -126,6 +139,7 @@ def _onnx_usage(repo: str) -> list[str]:
         "print(processor.decode(model.generate(**inputs, max_new_tokens=30)[0], skip_special_tokens=True))",
         "```",
         "",
+        *checked,
     ]
 
 

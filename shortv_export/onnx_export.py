@@ -17,6 +17,7 @@ Three graphs, named and shaped after optimum's decoder exports so ONNX Runtime u
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import logging
@@ -171,13 +172,21 @@ def export_onnx(
         spec.update(step(model, out))
         bar.update()
     bar.close()
-    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
-    report = ExportReport(out, files)
-    if validate:
-        from .onnx_validate import validate_export
+    report = ExportReport(out, {})
+    if validate:  # PyTorch's side first, so that the model is gone before ONNX Runtime loads the graphs
+        from transformers import AutoProcessor
 
-        report.validation = validate_export(model, checkpoint, out)
+        from .onnx_validate import sample_inputs, torch_reference, validate_export
+
+        inputs = sample_inputs(AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True))
+        reference = torch_reference(model, inputs)
+        del model
+        gc.collect()
+        (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        report.validation = validate_export(reference, inputs, out)
+        spec["validation"] = report.validation
+    (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+    report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     return report
 
 

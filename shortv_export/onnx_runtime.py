@@ -7,9 +7,13 @@
     processor = AutoProcessor.from_pretrained("llava-1.5-7b-hf-shortv-n19")
     inputs = processor(images=image, text=prompt, return_tensors="np")
     ids = model.generate(**inputs, max_new_tokens=32)        # prompt + new tokens, like HF generate (greedy)
+    ids = model.generate(**inputs, do_sample=True, temperature=0.7, top_p=0.9, seed=0)   # seeded sampling
 
-The graphs and their inputs are documented in ``onnx/shortv_onnx.json`` (see `shortv_export.onnx_export`).
-This module must not import torch: deployments that use it may not have it.
+Decoding keeps the KV cache where the provider computes it: with IO binding (the default) the decoder's
+``present.*`` outputs stay ORT values on the device and are bound as the next step's ``past_key_values.*``, so
+only the last position's logits come back to the host each step. The graphs and their inputs are documented in
+``onnx/shortv_onnx.json`` (see `shortv_export.onnx_export`). This module must not import torch: deployments
+that use it may not have it.
 """
 
 from __future__ import annotations
@@ -28,20 +32,26 @@ class ShortVOnnxModel:
     """The three ShortV graphs of one export, plus the LLaVA glue around them (image placement, anyres packing,
     positions, the text-row index, the KV cache and greedy decoding)."""
 
-    def __init__(self, folder: Path, spec: dict, sessions: dict, generation: dict):
+    def __init__(self, folder: Path, spec: dict, sessions: dict, generation: dict, io_binding: bool = True):
         self.folder = folder
         self.spec = spec
         self.vision, self.embed, self.decoder = sessions["vision"], sessions["embed"], sessions["decoder"]
         self._decoder_outputs = [o.name for o in self.decoder.get_outputs()]
+        self.io_binding = io_binding
+        provider = self.decoder.get_providers()[0]
+        self.device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.dtype = _NUMPY[spec["dtype"]]
         self.image_token_id = spec["image_token_id"]
         self.eos_token_id = generation.get("eos_token_id")
         self.pad_token_id = generation.get("pad_token_id")
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, provider: str | list = "cpu", session_options=None):
+    def from_pretrained(
+        cls, folder: str | Path, provider: str | list = "cpu", session_options=None, io_binding: bool = True
+    ):
         """Load ``folder`` (a checkpoint with ``onnx/``, or the ``onnx`` folder itself). ``provider``: "cpu",
-        "cuda", "tensorrt", an ONNX Runtime provider name, or a list of them (tried in order)."""
+        "cuda", "tensorrt", an ONNX Runtime provider name, or a list of them (tried in order). ``io_binding``:
+        keep the KV cache on the device between decode steps (False: numpy in, numpy out every step)."""
         import onnxruntime as ort
 
         folder = Path(folder)
@@ -67,7 +77,7 @@ class ShortVOnnxModel:
             if candidate.exists():
                 generation = json.loads(candidate.read_text())
                 break
-        return cls(onnx_dir, spec, sessions, generation)
+        return cls(onnx_dir, spec, sessions, generation, io_binding)
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
@@ -123,14 +133,34 @@ class ShortVOnnxModel:
         return {f"past_key_values.{i}.{kv}": empty for i in range(spec["num_layers"]) for kv in ("key", "value")}
 
     def decode(self, feeds: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-        """One decoder call: (logits of the last position [B, V], last hidden states, the next cache feeds)."""
-        outputs = self.decoder.run(None, feeds)
+        """One decoder call: (logits of the last position [B, V], last hidden states, the next cache feeds).
+        Feeds are numpy arrays or ORT values; with IO binding the returned cache feeds are ORT values on the
+        device (``.numpy()`` copies one to the host) and the hidden states are left there (None)."""
+        if not self.io_binding:
+            outputs = self.decoder.run(None, feeds)
+            cache = {
+                name.replace("present", "past_key_values"): value
+                for name, value in zip(self._decoder_outputs, outputs, strict=True)
+                if name.startswith("present.")
+            }
+            return outputs[0][:, -1], outputs[1], cache
+        binding = self.decoder.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")  # [B, 1, V]: the one output that comes back to the host
+        for name in self._decoder_outputs[1:]:
+            binding.bind_output(name, self.device)
+        self.decoder.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
         cache = {
             name.replace("present", "past_key_values"): value
             for name, value in zip(self._decoder_outputs, outputs, strict=True)
             if name.startswith("present.")
         }
-        return outputs[0][:, -1], outputs[1], cache
+        return outputs[0].numpy()[:, -1], None, cache
 
     # -- generation ------------------------------------------------------------------------------------------
 
@@ -139,13 +169,26 @@ class ShortVOnnxModel:
         input_ids,
         attention_mask=None,
         pixel_values=None,
-        max_new_tokens: int = 20,
         image_sizes=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        **_,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
     ) -> np.ndarray:
-        """Greedy decoding; returns [batch, prompt + new] token ids (finished rows padded), like HF generate."""
+        """Greedy decoding, or sampling with ``do_sample`` (``temperature``, then ``top_k``, then ``top_p``, as
+        transformers' warpers apply them; ``seed`` makes it reproducible). Stops a row at any of ``eos_token_id``
+        (default: the generation config's); returns [batch, prompt + new] token ids, finished rows padded with
+        ``pad_token_id``, like HF generate. Any other argument is an error, not silently ignored."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        rng = np.random.default_rng(seed)
         feeds = self.prefill_inputs(input_ids, attention_mask, pixel_values, image_sizes)
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = feeds["attention_mask"]
@@ -157,7 +200,11 @@ class ShortVOnnxModel:
         positions = feeds["position_ids"][:, -1:]
         for _ in range(max_new_tokens):
             logits, _, cache = self.decode(feeds)
-            token = np.where(unfinished, logits.argmax(-1), pad)
+            if do_sample:
+                token = sample(logits, rng, temperature, top_k, top_p)
+            else:
+                token = logits.argmax(-1)
+            token = np.where(unfinished, token, pad)
             ids = np.concatenate([ids, token[:, None]], axis=1)
             unfinished &= ~np.isin(token, eos)
             if not unfinished.any():
@@ -173,6 +220,36 @@ class ShortVOnnxModel:
                 **cache,
             }
         return ids
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature=1.0, top_k=None, top_p=None) -> np.ndarray:
+    """One token per row of [B, V] logits, drawn from the softmax of ``warp(...)``."""
+    probs = _softmax(warp(logits, temperature, top_k, top_p))
+    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs], dtype=np.int64)
+
+
+def warp(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None) -> np.ndarray:
+    """Scores as transformers' Temperature, TopK and TopP warpers leave them, in that order: divided by
+    ``temperature``; all but the ``top_k`` largest set to -inf; then all outside the smallest set whose
+    probability reaches ``top_p`` (at least one token)."""
+    scores = logits.astype(np.float64) / temperature
+    if top_k:
+        kth = np.sort(scores, axis=-1)[:, -min(top_k, scores.shape[-1])][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(scores, axis=-1, kind="stable")  # ascending, like the warper
+        probs = _softmax(np.take_along_axis(scores, order, axis=-1))
+        drop_sorted = np.cumsum(probs, axis=-1) <= 1 - top_p
+        drop_sorted[:, -1] = False  # keep at least the most likely token
+        drop = np.zeros_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        scores = np.where(drop, -np.inf, scores)
+    return scores
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
 
 
 def text_index(visual: np.ndarray) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""After export: the ONNX Runtime graphs against the PyTorch ShortV model on sample prompts."""
+"""After export: the ONNX Runtime graphs against the PyTorch ShortV model, prefill and decode.
+
+On a left-padded batch of 2 embedded samples (different lengths and images): the prefill's last-position logits
+and hidden states, every ``present.*`` (the KV cache the frozen layers wrote too), then ``DECODE_STEPS`` greedy
+decode steps fed PyTorch's tokens, comparing each step's logits and whether ONNX Runtime picks the same token.
+The PyTorch side runs first, so the model can be freed before ONNX Runtime loads the graphs.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ import torch
 
 from .errors import ShortVError
 
-# Allowed max |difference| of the last position's logits, relative to their largest magnitude.
+# Allowed max |difference|, relative to the largest magnitude of what is compared (logits, or cache values).
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
+DECODE_STEPS = 4
 
 
 def sample_inputs(processor, n: int = 2) -> dict:
@@ -20,48 +27,117 @@ def sample_inputs(processor, n: int = 2) -> dict:
     return prompt_batch(processor, load_calibration(None).samples[:: max(1, 40 // n)][:n])
 
 
+def runner_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as the runner makes them: each row counts from 0 at its first token."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 @torch.no_grad()
-def torch_prefill(model, inputs: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Last-position logits [B, V] and last hidden states [B, S, D] of the PyTorch model, positions as the
-    runner makes them."""
+def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str, np.ndarray]:
+    """What the PyTorch model computes for ``inputs``: prefill logits [B, V] and hidden states [B, S, D], the
+    cache after prefill (``present.{i}.key|value``), and ``steps`` greedy decode steps (tokens [B, steps], each
+    step's logits [steps, B, V])."""
+    from transformers import DynamicCache
+
+    from .compat import cache_kwarg, output_cache
+
     mask = inputs["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model.model(**inputs, position_ids=positions)
-    hidden = out.last_hidden_state
-    logits = model.lm_head(hidden[:, -1])
-    return logits.float().numpy(), hidden.float().numpy()
+    positions = runner_positions(mask)
+    cache = DynamicCache()  # full layers: the graph keeps every position, sliding windows live in its masks
+    out = model(**inputs, position_ids=positions, use_cache=True, output_hidden_states=True, **{cache_kwarg(): cache})
+    cache = output_cache(out)
+    ref = {
+        "logits": out.logits[:, -1].float().numpy(),
+        "hidden": model.model.language_model.norm(out.hidden_states[-1]).float().numpy(),
+    }
+    for i, layer in enumerate(cache.layers):
+        ref[f"present.{i}.key"], ref[f"present.{i}.value"] = layer.keys.float().numpy(), layer.values.float().numpy()
+    tokens, logits = [out.logits[:, -1].argmax(-1)], []
+    position = positions[:, -1:]
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        step = model(
+            input_ids=tokens[-1][:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_kwarg(): cache},
+        )
+        logits.append(step.logits[:, -1].float().numpy())
+        tokens.append(step.logits[:, -1].argmax(-1))
+    ref["tokens"] = torch.stack(tokens, dim=1).numpy()  # the prefill's token, then one per step
+    ref["decode_logits"] = np.stack(logits) if logits else np.zeros((0, *ref["logits"].shape), np.float32)
+    return ref
 
 
-def validate_export(model, checkpoint: Path, onnx_dir: Path, provider: str = "cpu") -> dict:
-    """Compare prefill and a few greedy tokens; raise ShortVError past the tolerance, else return the figures."""
-    from transformers import AutoProcessor
+def cache_diff(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> float:
+    """Max |a - b| of two [B, heads, K, head_dim] caches over the positions ``valid`` [B, K] marks: a padding
+    position's keys and values are never attended to, and the two runtimes fill them differently."""
+    keep = valid[:, None, :, None]
+    return float(np.where(keep, np.abs(np.asarray(a, np.float32) - b), 0).max())
 
+
+def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str = "cpu") -> dict:
+    """Compare the graphs in ``onnx_dir`` with ``torch_reference(model, inputs)``; raise ShortVError past the
+    tolerance, else return the figures."""
     from .onnx_runtime import ShortVOnnxModel
 
-    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)  # our own config class
-    inputs = sample_inputs(processor)
-    runner = ShortVOnnxModel.from_pretrained(onnx_dir, provider=provider)
-    ref_logits, ref_hidden = torch_prefill(model, inputs)
-    numpy_inputs = {k: v.numpy() for k, v in inputs.items()}
-    feeds = runner.prefill_inputs(**numpy_inputs)
-    logits, hidden, _ = runner.decode(feeds)
-    valid = numpy_inputs["attention_mask"].astype(bool)
-    scale = float(np.abs(ref_logits).max()) or 1.0
-    logit_diff = float(np.abs(logits.astype(np.float32) - ref_logits).max())
-    hidden_diff = float(np.abs(hidden.astype(np.float32) - ref_hidden)[valid].max())
-    tolerance = TOLERANCE[runner.spec["dtype"]] * scale
+    runner = ShortVOnnxModel.from_pretrained(onnx_dir, provider=provider, io_binding=False)
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    feeds = runner.prefill_inputs(**arrays)
+    logits, hidden, cache = runner.decode(feeds)
+    valid = arrays["attention_mask"].astype(bool)
+    dtype = runner.spec["dtype"]
+    diff = lambda a, b: float(np.abs(np.asarray(a, np.float32) - b).max())  # noqa: E731
+    presents = [name for name in reference if name.startswith("present.")]
     figures = {
         "samples": int(valid.shape[0]),
         "tokens": int(valid.sum()),
-        "max_abs_logits_diff": logit_diff,
-        "max_abs_hidden_diff": hidden_diff,
-        "logits_scale": scale,
-        "tolerance": tolerance,
-        "top1_agree": bool((logits.argmax(-1) == ref_logits.argmax(-1)).all()),
+        "decode_steps": int(reference["decode_logits"].shape[0]),
+        "max_abs_logits_diff": diff(logits, reference["logits"]),
+        "max_abs_hidden_diff": float(np.abs(hidden.astype(np.float32) - reference["hidden"])[valid].max()),
+        "max_abs_present_diff": max(
+            cache_diff(cache[n.replace("present", "past_key_values")], reference[n], valid) for n in presents
+        ),
     }
-    if not logit_diff <= tolerance:  # also catches NaN
+    tokens = reference["tokens"]
+    decode_diffs, agree = [], [bool((logits.argmax(-1) == tokens[:, 0]).all())]
+    mask, position = feeds["attention_mask"], feeds["position_ids"][:, -1:]
+    for step in range(figures["decode_steps"]):
+        mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], axis=1)
+        position = position + 1
+        (embeds,) = runner.embed.run(None, {"input_ids": tokens[:, step : step + 1]})
+        step_feeds = {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": position,
+            "text_index": np.zeros((len(mask), 1), np.int64),
+            **cache,
+        }
+        logits, _, cache = runner.decode(step_feeds)
+        decode_diffs.append(diff(logits, reference["decode_logits"][step]))
+        agree.append(bool((logits.argmax(-1) == tokens[:, step + 1]).all()))
+    scale = float(max(np.abs(reference["logits"]).max(), np.abs(reference["decode_logits"]).max())) or 1.0
+    cache_scale = max(float(np.abs(reference[n]).max()) for n in presents) or 1.0
+    figures.update(
+        max_abs_decode_logits_diff=max(decode_diffs),
+        greedy_tokens_agree=all(agree),
+        logits_scale=scale,
+        tolerance=TOLERANCE[dtype] * scale,
+        present_tolerance=TOLERANCE[dtype] * cache_scale,
+    )
+    problems = []
+    worst = max(figures["max_abs_logits_diff"], figures["max_abs_decode_logits_diff"])
+    if not worst <= figures["tolerance"]:  # also catches NaN
+        problems.append(f"max |logits diff| {worst:.3g} > tolerance {figures['tolerance']:.3g}")
+    if not figures["max_abs_present_diff"] <= figures["present_tolerance"]:
+        problems.append(
+            f"max |KV cache diff| {figures['max_abs_present_diff']:.3g} > tolerance {figures['present_tolerance']:.3g}"
+        )
+    if problems:
         raise ShortVError(
-            f"ONNX Runtime and PyTorch disagree: max |logits diff| {logit_diff:.3g} > tolerance {tolerance:.3g} "
-            f"on {figures['samples']} sample prompts"
+            f"ONNX Runtime and PyTorch disagree on {figures['samples']} sample prompts (prefill and "
+            f"{figures['decode_steps']} decode steps): {'; '.join(problems)}"
         )
     return figures

@@ -182,13 +182,14 @@ def convert(
     def export(folder: Path) -> None:
         from .onnx_export import export_onnx
 
-        result.onnx = export_onnx(folder, dtype=onnx_dtype, progress=progress).validation
-        v = result.onnx
+        result.onnx = v = export_onnx(folder, dtype=onnx_dtype, progress=progress).validation
         say(
-            f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts: max |logits diff| "
-            f"{v['max_abs_logits_diff']:.2e} (tolerance {v['tolerance']:.2e}), max |hidden diff| "
-            f"{v['max_abs_hidden_diff']:.2e}, top-1 {'agrees' if v['top1_agree'] else 'differs'}"
+            f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts, prefill and {v['decode_steps']} decode "
+            f"steps: max |logits diff| {max(v['max_abs_logits_diff'], v['max_abs_decode_logits_diff']):.2e} "
+            f"(tolerance {v['tolerance']:.2e}), max |KV cache diff| {v['max_abs_present_diff']:.2e}, greedy tokens "
+            f"{'agree' if v['greedy_tokens_agree'] else 'differ'}"
         )
+        (folder / "README.md").write_bytes(card(result.out.name))  # now with the ONNX figures
 
     result.out = write_checkpoint(
         source,
@@ -428,6 +429,7 @@ def _card(source, result, has_plot, license, base_model, repo, verification, onn
         repo=repo,
         verification=verification,
         onnx=onnx,
+        onnx_validation=result.onnx,
         base_model=base_model,
     )
 

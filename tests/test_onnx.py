@@ -16,10 +16,11 @@ from conftest import batch, image, tiny_dir
 from transformers import AutoProcessor
 
 from shortv_export.cli import main
+from shortv_export.errors import ShortVError
 from shortv_export.models import load_shortv
 from shortv_export.onnx_export import export_onnx
 from shortv_export.onnx_runtime import ShortVOnnxModel, text_index
-from shortv_export.onnx_validate import torch_prefill
+from shortv_export.onnx_validate import cache_diff, torch_reference, validate_export
 
 FROZEN = [4, 1, 3]
 _DIRS = {}
@@ -56,22 +57,30 @@ model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for 
 
 
 @model_params
-def test_prefill_matches_pytorch(exported, kind, text):
+def test_prefill_and_kv_cache_match_pytorch(exported, kind, text):
     out, model, report = exported(kind, text=text)
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
     inputs = batch(processor, _rows(kind))
-    runner = ShortVOnnxModel.from_pretrained(out)
-    ref_logits, ref_hidden = torch_prefill(model, inputs)
-    logits, hidden, _ = runner.decode(runner.prefill_inputs(**{k: v.numpy() for k, v in inputs.items()}))
+    runner = ShortVOnnxModel.from_pretrained(out, io_binding=False)
+    ref = torch_reference(model, inputs, steps=0)
+    logits, hidden, cache = runner.decode(runner.prefill_inputs(**{k: v.numpy() for k, v in inputs.items()}))
     valid = inputs["attention_mask"].numpy().astype(bool)
-    scale = np.abs(ref_logits).max()
-    assert np.abs(logits - ref_logits).max() <= 1e-4 * scale
-    assert np.abs(hidden - ref_hidden)[valid].max() <= 1e-4 * np.abs(ref_hidden).max()
+    scale = np.abs(ref["logits"]).max()
+    assert np.abs(logits - ref["logits"]).max() <= 1e-4 * scale
+    assert np.abs(hidden - ref["hidden"])[valid].max() <= 1e-4 * np.abs(ref["hidden"]).max()
+    for name in (n for n in ref if n.startswith("present.")):  # frozen layers cached every row's K/V too
+        mine = cache[name.replace("present", "past_key_values")]
+        assert mine.shape == ref[name].shape  # padding positions are never attended: compared where valid
+        assert cache_diff(mine, ref[name], valid) <= 1e-4 * np.abs(ref[name]).max()
     visual = inputs["input_ids"].numpy() == model.config.image_token_id
     if kind == "llava_next":
         assert len(set(visual.sum(1))) == 2  # the rows really differ in image tokens
-    # The export's own validation ran and passed.
-    assert report.validation["max_abs_logits_diff"] <= report.validation["tolerance"]
+    # The export's own validation ran (prefill, KV cache, decode steps), passed, and is recorded in the spec.
+    v = report.validation
+    assert v["decode_steps"] == 4 and v["greedy_tokens_agree"]
+    assert max(v["max_abs_logits_diff"], v["max_abs_decode_logits_diff"]) <= v["tolerance"]
+    assert v["max_abs_present_diff"] <= v["present_tolerance"]
+    assert json.loads((out / "onnx" / "shortv_onnx.json").read_text())["validation"] == v
 
 
 @model_params
@@ -269,3 +278,79 @@ def test_export_failure_leaves_no_output(tmp_path, monkeypatch):
         result.stderr.strip() == "Error: ONNX export of vision_encoder.onnx failed: RuntimeError: boom: the graph broke"
     )
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_validation_fails_on_a_wrong_kv_cache(exported):
+    """Prefill logits alone would pass; a cache that differs from PyTorch's is caught."""
+    out, model, _ = exported("llava")
+    inputs = batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava"))
+    ref = torch_reference(model, inputs)
+    ref["present.4.key"] = ref["present.4.key"] + 1.0  # a frozen layer's keys
+    with pytest.raises(ShortVError, match="KV cache diff"):
+        validate_export(ref, inputs, out / "onnx")
+
+
+def test_io_binding_keeps_the_cache_in_ort_values_and_generates_the_same(exported):
+    import onnxruntime as ort
+
+    out, _, _ = exported("llava")
+    inputs = {
+        k: v.numpy()
+        for k, v in batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava")).items()
+    }
+    bound, plain = (ShortVOnnxModel.from_pretrained(out, io_binding=b) for b in (True, False))
+    _, hidden, cache = bound.decode(bound.prefill_inputs(**inputs))
+    assert hidden is None and all(isinstance(v, ort.OrtValue) for v in cache.values())
+    kw = dict(max_new_tokens=10, eos_token_id=[])
+    np.testing.assert_array_equal(bound.generate(**inputs, **kw), plain.generate(**inputs, **kw))
+
+
+def test_sampling_is_seeded_and_warps_like_transformers(exported):
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from shortv_export.onnx_runtime import warp
+
+    logits = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32)
+    for temperature, top_k, top_p in ((1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.5, 10, 0.6)):
+        scores = torch.from_numpy(logits)
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+        if top_k:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        ours = warp(logits, temperature, top_k, top_p)
+        np.testing.assert_array_equal(np.isinf(ours), torch.isinf(scores).numpy())
+        finite = ~np.isinf(ours)
+        np.testing.assert_allclose(ours[finite], scores.numpy()[finite], rtol=1e-6)
+
+    out, _, _ = exported("llava")
+    runner = ShortVOnnxModel.from_pretrained(out)
+    inputs = {
+        k: v.numpy()
+        for k, v in batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava")).items()
+    }
+    kw = dict(max_new_tokens=12, eos_token_id=[], do_sample=True, temperature=1.5, top_k=40, top_p=0.95)
+    first, again = runner.generate(**inputs, **kw, seed=3), runner.generate(**inputs, **kw, seed=3)
+    np.testing.assert_array_equal(first, again)
+    others = [runner.generate(**inputs, **kw, seed=s) for s in (4, 5)]
+    assert any(not np.array_equal(first, o) for o in others)
+    greedy = runner.generate(**inputs, max_new_tokens=12, eos_token_id=[])
+    np.testing.assert_array_equal(runner.generate(**inputs, **dict(kw, top_k=1), seed=9), greedy)
+
+
+def test_generate_stops_at_any_of_several_eos_ids_and_rejects_unknown_arguments(exported):
+    out, _, _ = exported("llava")
+    runner = ShortVOnnxModel.from_pretrained(out)
+    inputs = {
+        k: v.numpy()
+        for k, v in batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava")).items()
+    }
+    free = runner.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    prompt = inputs["input_ids"].shape[1]
+    eos = [int(free[0, prompt + 1]), int(free[1, prompt + 2])]  # row 0 stops at its 2nd token, row 1 at its 3rd
+    got = runner.generate(**inputs, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    for row, stop in ((0, prompt + 1), (1, prompt + 2)):
+        first_eos = prompt + int(np.flatnonzero(np.isin(free[row, prompt:], eos))[0])
+        assert (got[row, first_eos + 1 :] == 0).all() and first_eos <= stop
+    with pytest.raises(TypeError, match="num_beams"):
+        runner.generate(**inputs, num_beams=2)
