@@ -117,7 +117,8 @@ class ShortVAttention:
 class ShortVDecoderLayer:
     """Mixin over a stock decoder layer: with ``shortv``, the frozen branch, in the stock layer's order.
 
-    ``shortv`` holds what all frozen layers of one forward share: ``index`` [B, T, D] (each row's text positions
+    ``shortv`` holds what all frozen layers of one forward share: ``layers`` (the ids frozen in this call; any
+    other layer runs the stock code), ``index`` [B, T, D] (each row's text positions
     first, padded with visual positions, expanded over the hidden size), ``valid`` [B, T, 1] (False on that
     padding, or None), ``masks`` (attention type -> the [B, 1, T, K] mask rows of the text queries) and
     ``position_embeddings`` (cos, sin of the text rows, [B, 1, T, head_dim]). The fallback for other attention
@@ -132,10 +133,10 @@ class ShortVDecoderLayer:
         self.attention_type = attention_types(config)[layer_idx]
 
     def forward(self, hidden_states, attention_mask=None, shortv=None, **kwargs):
-        if shortv is None or "visual" in shortv:
+        if shortv is None or self.self_attn.layer_idx not in shortv["layers"]:
+            return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
+        if "visual" in shortv:  # the fallback: dense layer, visual rows reset
             out = super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
-            if shortv is None:
-                return out
             return torch.where(shortv["visual"].unsqueeze(-1), hidden_states, out)
         index = shortv["index"]
         residual = hidden_states.gather(1, index)
@@ -181,8 +182,8 @@ FROZEN_LAYERS = {
 }
 
 
-def text_rows_inputs(language_model, text_index, valid, masks, position_ids) -> dict:
-    """The ``shortv`` argument of frozen layers from the text rows ``text_index`` [B, T], their ``valid`` flags
+def text_rows_inputs(language_model, layers, text_index, valid, masks, position_ids) -> dict:
+    """The ``shortv`` argument of the frozen ``layers`` from the text rows ``text_index`` [B, T], their ``valid`` flags
     [B, T] (or None) and their ``masks`` (attention type -> [B, 1, T, K]). The text rows' cos/sin are those the
     text model computes for all rows at ``position_ids`` [B or 1, S], gathered."""
     batch = text_index.shape[0]
@@ -193,6 +194,7 @@ def text_rows_inputs(language_model, text_index, valid, masks, position_ids) -> 
     rows = text_index.unsqueeze(-1)
     cos, sin = (t.expand(batch, -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
     return {
+        "layers": frozenset(layers),
         "index": rows.expand(-1, -1, hidden),
         "valid": None if valid is None else valid.unsqueeze(-1),
         "masks": masks,
@@ -232,7 +234,7 @@ class ShortVModelMixin:
                 "fall back to the dense layer with visual rows reset (exact, but no compute saved). Use 'sdpa' "
                 "or 'eager' for the speed-up."
             )
-            return {"visual": visual}
+            return {"layers": frozenset(self.shortv_layers), "visual": visual}
 
         batch, seq = visual.shape
         if batch == 1:  # known on the host: no device sync, and a fixed shape for torch.compile
@@ -265,7 +267,7 @@ class ShortVModelMixin:
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             masks[kind] = mask
-        return text_rows_inputs(self.language_model, text_index, valid, masks, position_ids)
+        return text_rows_inputs(self.language_model, self.shortv_layers, text_index, valid, masks, position_ids)
 
     def forward(self, input_ids=None, pixel_values=None, *, attention_mask=None, position_ids=None, **kwargs):
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from shortv_export.modeling.modeling_shortv_llava import _frozen_layer_class  # noqa: E402
+from shortv_export.modeling.modeling_shortv_llava import FROZEN_LAYERS  # noqa: E402
 from train_tiny_llava import Encoded, accuracy, easy_vqa_split  # noqa: E402
 
 from shortv_export.calibrate import calibrate  # noqa: E402
@@ -38,11 +38,20 @@ from shortv_export.data import load_calibration  # noqa: E402
 from shortv_export.models import load_shortv  # noqa: E402
 
 
+def switchable(model) -> None:
+    """Make every decoder layer a ShortV layer with the same weights: which of them freeze is then just
+    ``model.model.shortv_layers`` (a ShortV layer not listed there runs the stock code)."""
+    lm = model.model.language_model
+    layer_class = FROZEN_LAYERS[lm.config.model_type]
+    for i, layer in enumerate(lm.layers):
+        if not isinstance(layer, layer_class):
+            new = layer_class(lm.config, i).to(next(layer.parameters()).dtype)
+            new.load_state_dict(layer.state_dict())
+            lm.layers[i] = new.eval()
+
+
 def set_frozen(model, layers) -> None:
-    """Freeze visual tokens in ``layers`` of a loaded ShortV model (the class swap its __init__ does)."""
-    for i, layer in enumerate(model.model.language_model.layers):
-        base = next(c for c in type(layer).__mro__ if c.__module__.startswith("transformers.models."))
-        layer.__class__ = _frozen_layer_class(base) if i in layers else base
+    """Freeze visual tokens in ``layers`` of a model made ``switchable``."""
     model.model.shortv_layers = list(layers)
 
 
@@ -125,6 +134,7 @@ def main(argv=None):
         random.Random(0).shuffle(rows)
         rows = sorted(rows[: args.limit])
     model = load_shortv(args.model, [], attn_implementation="sdpa").eval()
+    switchable(model)
     layers = len(model.model.language_model.layers)
     n60 = round(0.6 * layers)
     with tempfile.TemporaryDirectory() as tmp:

@@ -65,6 +65,11 @@ from .errors import ShortVError
 @click.option(
     "--onnx-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="ONNX weight dtype."
 )
+@click.option(
+    "--onnx-quantize",
+    type=click.Choice(["int4", "int8"]),
+    help="Weight-only quantization of the ONNX decoder (onnxruntime MatMulNBits), checked against the unquantized one.",
+)
 @click.option("--model-revision", help="Hub revision of MODEL (branch, tag or commit).")
 @click.option("--base-model", help="Hub id of the base model, for the model card, when MODEL is a local folder.")
 @click.option(

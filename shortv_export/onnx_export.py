@@ -80,7 +80,7 @@ class _Decoder(nn.Module):
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
         self.num_layers = len(self.lm.layers)
-        self.frozen = bool(model.model.shortv_layers)
+        self.frozen = list(model.model.shortv_layers)
         self.cache_kwarg = cache_kwarg()
         window = getattr(self.lm.config, "sliding_window", None)
         # attention type -> sliding window (None: full causal), for the types the layers use
@@ -115,7 +115,7 @@ class _Decoder(nn.Module):
         if self.frozen:  # the rows of those masks for the text queries, built directly (no [S, K] gather)
             text_masks = {kind: mask(text_index + (total - seq), window) for kind, window in self.windows.items()}
             # short rows repeat a text position: the same value is scattered twice, no validity flags needed
-            kwargs["shortv"] = text_rows_inputs(self.lm, text_index, None, text_masks, position_ids)
+            kwargs["shortv"] = text_rows_inputs(self.lm, self.frozen, text_index, None, text_masks, position_ids)
         out = self.lm(
             inputs_embeds=inputs_embeds,
             attention_mask=masks if len(masks) > 1 else next(iter(masks.values())),
@@ -135,6 +135,7 @@ class ExportReport:
     folder: Path
     files: dict[str, int]  # name -> bytes
     validation: dict | None = None
+    quantization: dict | None = None
 
 
 def export_onnx(
@@ -144,8 +145,11 @@ def export_onnx(
     out: str | Path | None = None,
     validate: bool = True,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> ExportReport:
-    """Export the ShortV checkpoint folder ``checkpoint`` to ``out`` (default ``checkpoint/onnx``)."""
+    """Export the ShortV checkpoint folder ``checkpoint`` to ``out`` (default ``checkpoint/onnx``), check it
+    against PyTorch (``validate``), then quantize the decoder's weights (``quantize``: "int4" or "int8"; see
+    `shortv_export.onnx_quantize`), checked against the unquantized graph."""
     from .models import SUPPORTED
 
     for module in ("onnx", "onnxscript", "onnxruntime"):
@@ -185,6 +189,11 @@ def export_onnx(
         (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
         report.validation = validate_export(reference, inputs, out)
         spec["validation"] = report.validation
+    if quantize:
+        from .onnx_quantize import quantize_decoder
+
+        external = (out / "decoder_model_merged.onnx.data").exists()
+        report.quantization = spec["quantization"] = quantize_decoder(out, quantize, checkpoint, external)
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     return report

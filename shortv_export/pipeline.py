@@ -54,6 +54,7 @@ class ConvertResult:
     files: list = field(default_factory=list)  # write.PlannedFile of the output folder
     lc: Any = None  # calibrate.LCResult, with .fidelity, when the layers were calibrated
     onnx: dict[str, Any] | None = None  # the export's validation figures
+    onnx_quantization: dict[str, Any] | None = None  # what --onnx-quantize did, and its agreement
     verification: dict[str, Any] | None = None
     pushed: Any = None  # publish.PushResult
     warnings: list[str] = field(default_factory=list)
@@ -71,6 +72,7 @@ def convert(
     calibration: CalibrationOptions | None = None,
     onnx: bool = False,
     onnx_dtype: str = "fp32",
+    onnx_quantize: str | None = None,
     verify: bool = True,
     push: bool = False,
     repo_id: str | None = None,
@@ -106,6 +108,10 @@ def convert(
         raise ShortVError(f"--batch-size {calibration.batch_size}: must be at least 1")
     if not 0 <= calibration.min_agreement <= 1:
         raise ShortVError(f"--min-agreement {calibration.min_agreement}: must be a share in [0, 1]")
+    if onnx_quantize is not None and not onnx:
+        raise ShortVError("--onnx-quantize applies to the ONNX export: add --onnx")
+    if onnx_quantize not in (None, "int4", "int8"):
+        raise ShortVError(f"--onnx-quantize {onnx_quantize}: choose int4 or int8")
     missing_onnx = _missing_onnx_modules() if onnx else []
     if missing_onnx and not dry_run:
         raise ShortVError(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]' (or [gpu])")
@@ -182,13 +188,28 @@ def convert(
     def export(folder: Path) -> None:
         from .onnx_export import export_onnx
 
-        result.onnx = v = export_onnx(folder, dtype=onnx_dtype, progress=progress).validation
+        report = export_onnx(folder, dtype=onnx_dtype, progress=progress, quantize=onnx_quantize)
+        result.onnx = v = report.validation
+        result.onnx_quantization = q = report.quantization
         say(
             f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts, prefill and {v['decode_steps']} decode "
             f"steps: max |logits diff| {max(v['max_abs_logits_diff'], v['max_abs_decode_logits_diff']):.2e} "
             f"(tolerance {v['tolerance']:.2e}), max |KV cache diff| {v['max_abs_present_diff']:.2e}, greedy tokens "
             f"{'agree' if v['greedy_tokens_agree'] else 'differ'}"
         )
+        if q:
+            say(
+                f"decoder quantized to {q['scheme']} ({q['quantized_matmuls']} MatMuls, "
+                f"{q['decoder_bytes_before'] / 2**20:.1f} -> {q['decoder_bytes_after'] / 2**20:.1f} MiB): top-1 "
+                f"agreement with the unquantized graph {q['top1_agreement_vs_unquantized']:.1%} on {q['samples']} "
+                f"calibration prompts, mean KL {q['mean_kl']:.3g}"
+            )
+            share = q["top1_agreement_vs_unquantized"]
+            if share < calibration.min_agreement:
+                result.warnings.append(
+                    f"the {q['scheme']} decoder agrees with the unquantized one on {share:.1%} of next tokens, below "
+                    f"--min-agreement {calibration.min_agreement:.0%}"
+                )
         (folder / "README.md").write_bytes(card(result.out.name))  # now with the ONNX figures
 
     result.out = write_checkpoint(
@@ -430,6 +451,7 @@ def _card(source, result, has_plot, license, base_model, repo, verification, onn
         verification=verification,
         onnx=onnx,
         onnx_validation=result.onnx,
+        onnx_quantization=result.onnx_quantization,
         base_model=base_model,
     )
 

@@ -354,3 +354,35 @@ def test_generate_stops_at_any_of_several_eos_ids_and_rejects_unknown_arguments(
         assert (got[row, first_eos + 1 :] == 0).all() and first_eos <= stop
     with pytest.raises(TypeError, match="num_beams"):
         runner.generate(**inputs, num_beams=2)
+
+
+@pytest.mark.parametrize("scheme,bits,floor", [("int8", 8, 0.9), ("int4", 4, 0.5)])
+def test_weight_only_quantization_of_the_decoder(tmp_path, scheme, bits, floor):
+    """--onnx-quantize: every projection MatMul of the decoder becomes MatMulNBits; the result is compared with
+    the unquantized graph and recorded; the runner generates with it."""
+    out = tmp_path / "ckpt"
+    args = [str(tiny_dir("llava")), "--layers", "4,1,3", "--onnx", "--onnx-quantize", scheme, "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "-q", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    q = json.loads((out / "onnx" / "shortv_onnx.json").read_text())["quantization"]
+    graph = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert (
+        q["scheme"] == scheme and q["bits"] == bits and q["quantized_matmuls"] == ops.count("MatMulNBits") == 6 * 7 + 1
+    )
+    assert ops.count("MatMul") == 2 * 6  # what is left: the attention products (scores, weighted sum) per layer
+    assert q["decoder_bytes_after"] < q["decoder_bytes_before"] and q["samples"] == 16
+    assert q["top1_agreement_vs_unquantized"] >= floor
+    assert not list((out / "onnx").glob(".*"))  # no temporary files left
+    assert f"quantized to {scheme}" in (out / "README.md").read_text()
+    runner = ShortVOnnxModel.from_pretrained(out)
+    inputs = {
+        k: v.numpy()
+        for k, v in batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava")).items()
+    }
+    assert runner.generate(**inputs, max_new_tokens=4, eos_token_id=[]).shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+def test_quantize_needs_onnx():
+    result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "2", "--onnx-quantize", "int4"])
+    assert result.exit_code == 2 and "add --onnx" in result.stderr
