@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from .errors import ShortVError
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 SPEC_FILE = "shortv_onnx.json"
 ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-EXTERNAL_DATA_BYTES = 1 << 30  # protobuf stops at 2 GiB; keep weights outside from 1 GiB on
+EXTERNAL_DATA_BYTES = 1 << 26  # weights from 64 MiB on go to a .data file: streamed out, never copied in a protobuf
 OPSET = 18
 
 
@@ -146,10 +147,13 @@ def export_onnx(
     validate: bool = True,
     progress: bool = True,
     quantize: str | None = None,
+    device: str | None = None,
 ) -> ExportReport:
     """Export the ShortV checkpoint folder ``checkpoint`` to ``out`` (default ``checkpoint/onnx``), check it
     against PyTorch (``validate``), then quantize the decoder's weights (``quantize``: "int4" or "int8"; see
-    `shortv_export.onnx_quantize`), checked against the unquantized graph."""
+    `shortv_export.onnx_quantize`), checked against the unquantized graph. ``device``: where the model is traced
+    and the PyTorch reference runs ("cuda" traces on the GPU and validates with ONNX Runtime's CUDA provider);
+    default the CPU."""
     from .models import SUPPORTED
 
     for module in ("onnx", "onnxscript", "onnxruntime"):
@@ -165,8 +169,12 @@ def export_onnx(
         raise ShortVError(f"{checkpoint} is not a ShortV checkpoint (model_type {config_dict.get('model_type')!r})")
     _, config_cls, model_cls = SUPPORTED[kind]
     config = config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
-    model = model_cls.from_pretrained(checkpoint, config=config, dtype=ONNX_DTYPES[dtype], attn_implementation="sdpa")
-    model.eval()
+    # Weights read tensor by tensor and converted to the ONNX dtype: one copy in memory, never the memory-mapped
+    # checkpoint beside it (from_pretrained's mmap keeps every page it reads resident until it is done).
+    weights = read_safetensors(checkpoint, ONNX_DTYPES[dtype])
+    model = model_cls.from_pretrained(None, config=config, state_dict=weights, dtype=ONNX_DTYPES[dtype])
+    del weights
+    model.to(device or "cpu").eval()
     out.mkdir(parents=True, exist_ok=True)
     steps = [("vision_encoder", _export_vision), ("embed_tokens", _export_embed), ("decoder", _export_decoder)]
     bar = _bar(len(steps), progress)
@@ -187,7 +195,8 @@ def export_onnx(
         del model
         gc.collect()
         (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-        report.validation = validate_export(reference, inputs, out)
+        provider = "cuda" if str(device or "cpu").startswith("cuda") else "cpu"
+        report.validation = validate_export(reference, inputs, out, provider=provider)
         spec["validation"] = report.validation
     if quantize:
         from .onnx_quantize import quantize_decoder
@@ -197,6 +206,41 @@ def export_onnx(
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     report.files = {p.name: p.stat().st_size for p in sorted(out.iterdir())}
     return report
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of ``folder``'s safetensors files, floating ones converted to ``dtype``, read with plain file
+    reads one tensor at a time (no memory map), so that at most one tensor of the checkpoint's own dtype is
+    held beside the converted ones."""
+    import struct
+
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                f.seek(8 + size + start)
+                raw = torch.empty(end - start, dtype=torch.uint8)
+                f.readinto(memoryview(raw.numpy()))
+                tensor = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+                tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
 
 
 def _bar(total, progress):
@@ -254,11 +298,33 @@ def _save(program, path: Path, n_bytes: int, axes: dict[str, dict[int, str]]) ->
 _DROPPED_METADATA = {"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"}  # local paths, bulk
 
 
+def _release_rewriter_state() -> None:
+    """onnxscript's module-level rewrite rules keep the last node they matched, and with it the exported graph and
+    every weight it references, alive after the export (onnxscript 0.7): drop those references so the model's
+    memory is freed before ONNX Runtime loads the graphs."""
+    from onnxscript.rewriter import RewriteRule, RewriteRuleSet
+
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("onnxscript.rewriter") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            rules = (
+                value.rules if isinstance(value, RewriteRuleSet) else [value] if isinstance(value, RewriteRule) else []
+            )
+            for rule in rules:
+                matcher = getattr(rule, "_matcher", None)
+                for state in list(vars(matcher)) if matcher is not None else []:
+                    if state != "pattern":  # the rest is what the last match left behind
+                        setattr(matcher, state, None)
+
+
 def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _export(module, args, path, input_names, output_names, dynamic_shapes, axes):
+    device = next(module.parameters()).device
+    args = tuple(arg.to(device) for arg in args)
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # "torchvision is not installed" notices
     with warnings.catch_warnings(), torch.no_grad():
@@ -279,6 +345,8 @@ def _export(module, args, path, input_names, output_names, dynamic_shapes, axes)
         finally:
             quiet.setLevel(level)
     _save(program, path, _param_bytes(module), axes)
+    del program
+    _release_rewriter_state()
 
 
 def _first_line(err: Exception, limit: int = 300) -> str:

@@ -41,17 +41,20 @@ def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str,
 
     from .compat import cache_kwarg, output_cache
 
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     mask = inputs["attention_mask"]
     positions = runner_positions(mask)
     cache = DynamicCache()  # full layers: the graph keeps every position, sliding windows live in its masks
     out = model(**inputs, position_ids=positions, use_cache=True, output_hidden_states=True, **{cache_kwarg(): cache})
     cache = output_cache(out)
     ref = {
-        "logits": out.logits[:, -1].float().numpy(),
-        "hidden": model.model.language_model.norm(out.hidden_states[-1]).float().numpy(),
+        "logits": out.logits[:, -1].float().cpu().numpy(),
+        "hidden": model.model.language_model.norm(out.hidden_states[-1]).float().cpu().numpy(),
     }
     for i, layer in enumerate(cache.layers):
-        ref[f"present.{i}.key"], ref[f"present.{i}.value"] = layer.keys.float().numpy(), layer.values.float().numpy()
+        ref[f"present.{i}.key"] = layer.keys.float().cpu().numpy()
+        ref[f"present.{i}.value"] = layer.values.float().cpu().numpy()
     tokens, logits = [out.logits[:, -1].argmax(-1)], []
     position = positions[:, -1:]
     for _ in range(steps):
@@ -64,9 +67,9 @@ def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str,
             use_cache=True,
             **{cache_kwarg(): cache},
         )
-        logits.append(step.logits[:, -1].float().numpy())
+        logits.append(step.logits[:, -1].float().cpu().numpy())
         tokens.append(step.logits[:, -1].argmax(-1))
-    ref["tokens"] = torch.stack(tokens, dim=1).numpy()  # the prefill's token, then one per step
+    ref["tokens"] = torch.stack(tokens, dim=1).cpu().numpy()  # the prefill's token, then one per step
     ref["decode_logits"] = np.stack(logits) if logits else np.zeros((0, *ref["logits"].shape), np.float32)
     return ref
 

@@ -188,7 +188,9 @@ def convert(
     def export(folder: Path) -> None:
         from .onnx_export import export_onnx
 
-        report = export_onnx(folder, dtype=onnx_dtype, progress=progress, quantize=onnx_quantize)
+        report = export_onnx(
+            folder, dtype=onnx_dtype, progress=progress, quantize=onnx_quantize, device=calibration.device
+        )
         result.onnx = v = report.validation
         result.onnx_quantization = q = report.quantization
         say(
