@@ -1,6 +1,7 @@
 """Stage 5, export: ONNX graphs of a ShortV checkpoint, with the frozen layers' text-only branch baked in.
 
-Three graphs, named and shaped after optimum's decoder exports so ONNX Runtime users find what they expect:
+Three graphs, with optimum's input and output names (``past_key_values.{i}.key|value`` in,
+``present.{i}.key|value`` out), run by `shortv_export.onnx_runtime`:
 
 - ``vision_encoder.onnx``: ``pixel_values`` [images, 3, H, W] -> ``image_features`` [images, tokens, hidden]
   (vision tower, feature layer and strategy, projector). LLaVA-NeXT also returns ``image_newline`` [hidden]:
@@ -12,7 +13,14 @@ Three graphs, named and shaped after optimum's decoder exports so ONNX Runtime u
   ``present.{i}.key|value``. Frozen layers gather the ``text_index`` rows before Q, O and the MLP, so prefill
   and decode share one graph (in decode every new token is text).
 
-``onnx/shortv_onnx.json`` documents every input and output and holds what the runner needs from the config.
+``onnx/shortv_onnx.json`` documents every input and output and holds what the runner needs from the config, the
+validation figures and, with ``--onnx-quantize``, what was quantized.
+
+Compatibility: any ONNX Runtime (CPU, CUDA, TensorRT providers) through our runner, or your own loop fed as the
+json describes. Not drop-in for optimum's ``ORTModelForCausalLM`` or transformers.js: the decoder has no
+``use_cache_branch`` input, takes ``text_index``, and returns the last position's logits only; nor for
+onnxruntime-genai, which would need its ``genai_config.json`` and a pipeline for the vision and embedding graphs
+(LLaVA is not one of its model types). Weights from 64 MiB on are external data (``*.onnx.data``).
 """
 
 from __future__ import annotations
