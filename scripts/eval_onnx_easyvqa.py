@@ -94,11 +94,12 @@ def main(argv=None):
             )
             onnx_dir = result.out / "onnx"
             size = sum(p.stat().st_size for p in onnx_dir.glob("decoder_model_merged.onnx*")) / 2**20
-            agreement = result.onnx_quantization["top1_agreement_vs_unquantized"] if scheme else 1.0
+            q = result.onnx_quantization
+            agreement = f"{q['top1_agreement_vs_unquantized']:.1%}" if q else "-"
             bound, plain = (ShortVOnnxModel.from_pretrained(onnx_dir, io_binding=b) for b in (True, False))
             acc = accuracy(_Runner(bound), test, rows, processor)
             fast, slow = tokens_per_second(bound, test, speed_rows), tokens_per_second(plain, test, speed_rows)
-            print(f"| {name} | {size:.2f} | {agreement:.1%} | {acc:.2%} | {fast:.0f} | {slow:.0f} |", flush=True)
+            print(f"| {name} | {size:.2f} | {agreement} | {acc:.2%} | {fast:.0f} | {slow:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
