@@ -386,3 +386,26 @@ def test_weight_only_quantization_of_the_decoder(tmp_path, scheme, bits, floor):
 def test_quantize_needs_onnx():
     result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "2", "--onnx-quantize", "int4"])
     assert result.exit_code == 2 and "add --onnx" in result.stderr
+
+
+def test_export_reads_the_weights_tensor_by_tensor_and_frees_the_model(tmp_path):
+    """The export's own loader gives the weights from_pretrained gives (in the ONNX dtype), and once a graph is
+    written nothing keeps the traced model alive (onnxscript's rewrite rules used to)."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    from shortv_export.onnx_export import _export_decoder, read_safetensors
+
+    weights = read_safetensors(tiny_dir("llava"), torch.float16)
+    reference = load_file(tiny_dir("llava") / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert all(weights[k].dtype == torch.float16 and torch.equal(weights[k], reference[k].half()) for k in reference)
+
+    model = load_shortv(tiny_dir("llava"), FROZEN, attn_implementation="sdpa").eval()
+    alive = weakref.ref(model.model.language_model.layers[4].mlp.up_proj.weight)
+    _export_decoder(model, tmp_path)
+    del model
+    gc.collect()
+    assert alive() is None
