@@ -59,18 +59,26 @@ class LCResult:
         return cls(data["visual"], data.get("text"), data["samples"], data["calibration"], data.get("fidelity"))
 
 
+LC_METHOD = 2  # bumped when the computation changes (2: per-layer sliding-window masks)
+
+
 def model_fingerprint(source: Source) -> str:
-    """Hash of config.json and the weight files' names and sizes: the model LC was computed on."""
+    """Hash of config.json and the weight files' names, sizes and modification times (for a Hub download, the
+    snapshot's commit): the model LC was computed on. Weights saved again in place change it."""
     h = hashlib.sha256((source.path / "config.json").read_bytes())
+    if source.repo_id is not None:
+        h.update(f"commit:{source.path.name}".encode())
     for name in sorted(source.weights):
         path = source.path / name
-        h.update(f"{name}:{path.stat().st_size if path.exists() else -1}".encode())
+        stat = path.stat() if path.exists() else None
+        h.update(f"{name}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}".encode())
     return h.hexdigest()[:16]
 
 
 def calibration_key(source: Source, calib: CalibrationSet, modality: str, dtype: torch.dtype) -> dict[str, Any]:
     """What makes two calibrations the same: the model, the samples and how they were run."""
     return {
+        "method": LC_METHOD,
         "model": source.model_id,
         "model_fingerprint": model_fingerprint(source),
         "set": calib.name,

@@ -93,8 +93,9 @@ def main(model, **options):
     except ShortVError as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("Interrupted; nothing was written.", err=True)
+    except KeyboardInterrupt as err:
+        written = "is written" in str(err)  # interrupted after the write stage: say where the folder is
+        click.echo(f"Interrupted: {err}" if written else "Interrupted; nothing was written.", err=True)
         sys.exit(130)
 
 

@@ -71,7 +71,8 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
         path, files = _download(model, revision, config_only), None
         repo_id = model
     if files is None:
-        files = _hub_files(model, revision) if config_only else sorted(p.name for p in path.iterdir() if p.is_file())
+        local_listing = not config_only or _offline()
+        files = sorted(p.name for p in path.iterdir() if p.is_file()) if local_listing else _hub_files(model, revision)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ShortVError(f"{model} has no config.json: not a transformers checkpoint")
@@ -81,7 +82,7 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
         raise ShortVError(f"{config_file} is not valid JSON: {err}") from None
     source = Source(
         path=path,
-        name=Path(model.rstrip("/")).name,
+        name=path.name if repo_id is None else Path(model.rstrip("/")).name,
         repo_id=repo_id,
         config=config,
         weights=[f for f in files if f.endswith(".safetensors")],
@@ -189,10 +190,10 @@ def _hub_call(model: str, fn, *args, **kwargs):
 def _download(model: str, revision: str | None, config_only: bool) -> Path:
     """Fetch ``model`` (without its weights when ``config_only``). Offline, or with no route to the Hub, fail at
     once with the reason rather than after the client's retries."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
     patterns = PROCESSOR_PATTERNS if config_only else HUB_PATTERNS
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if _offline():
         try:
             return Path(snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True))
         except Exception:
@@ -204,6 +205,12 @@ def _download(model: str, revision: str | None, config_only: bool) -> Path:
     return Path(_hub_call(model, snapshot_download, model, revision=revision, allow_patterns=patterns))
 
 
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def _check_reachable(model: str, timeout: float = 3.0) -> None:
     """Fail fast, with the reason, when the Hub endpoint's host cannot be resolved or connected to."""
     import socket
@@ -211,6 +218,9 @@ def _check_reachable(model: str, timeout: float = 3.0) -> None:
 
     from huggingface_hub import constants
 
+    proxies = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+    if any(os.environ.get(name) for name in proxies):  # the route is the proxy's: let the client try it
+        return
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     try:

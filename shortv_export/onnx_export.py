@@ -180,8 +180,15 @@ def export_onnx(
     # Weights read tensor by tensor and converted to the ONNX dtype: one copy in memory, never the memory-mapped
     # checkpoint beside it (from_pretrained's mmap keeps every page it reads resident until it is done).
     weights = read_safetensors(checkpoint, ONNX_DTYPES[dtype])
-    model = model_cls.from_pretrained(None, config=config, state_dict=weights, dtype=ONNX_DTYPES[dtype])
+    model, info = model_cls.from_pretrained(
+        None, config=config, state_dict=weights, dtype=ONNX_DTYPES[dtype], output_loading_info=True
+    )
     del weights
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ShortVError(
+            f"the weights of {checkpoint} do not fit the model: missing {sorted(info['missing_keys'])[:3]}, "
+            f"unexpected {sorted(info['unexpected_keys'])[:3]}"
+        )
     model.to(device or "cpu").eval()
     out.mkdir(parents=True, exist_ok=True)
     steps = [("vision_encoder", _export_vision), ("embed_tokens", _export_embed), ("decoder", _export_decoder)]
@@ -230,22 +237,34 @@ _SAFETENSORS_DTYPES = {
 
 
 def read_safetensors(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of ``folder``'s safetensors files, floating ones converted to ``dtype``, read with plain file
-    reads one tensor at a time (no memory map), so that at most one tensor of the checkpoint's own dtype is
-    held beside the converted ones."""
+    """Every tensor of ``folder``'s safetensors weights (the shards its index names, else every file), floating
+    ones converted to ``dtype``, read with plain file reads one tensor at a time (no memory map), so that at most
+    one tensor of the checkpoint's own dtype is held beside the converted ones."""
     import struct
+    import sys
 
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if sys.byteorder != "little":
+        raise ShortVError("reading safetensors weights needs a little-endian machine")
     tensors = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for path in files:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
             header.pop("__metadata__", None)
             for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ShortVError(f"{path.name}: tensor {name} has dtype {info['dtype']}, which --onnx cannot read")
                 start, end = info["data_offsets"]
                 f.seek(8 + size + start)
                 raw = torch.empty(end - start, dtype=torch.uint8)
-                f.readinto(memoryview(raw.numpy()))
+                if f.readinto(memoryview(raw.numpy())) != end - start:
+                    raise ShortVError(f"{path} is truncated (tensor {name})")
                 tensor = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
                 tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return tensors

@@ -41,17 +41,23 @@ def quantize_decoder(onnx_dir: Path, scheme: str, checkpoint: Path, external_dat
         accuracy_level=ACCURACY_LEVEL,
     )
     _quietly(quantizer.process)
-    quantizer.model.save_model_to_file(str(quantized), use_external_data_format=external_data)
-    report = {
-        "scheme": scheme,
-        "method": "onnxruntime MatMulNBits, weight-only, round-to-nearest, symmetric",
-        "bits": BITS[scheme],
-        "block_size": BLOCK_SIZE,
-        "accuracy_level": ACCURACY_LEVEL,
-        "quantized_matmuls": _op_counts(quantized).get("MatMulNBits", 0),
-        "decoder_bytes_before": _graph_bytes(decoder),
-        **agreement(onnx_dir, quantized, checkpoint),
-    }
+    try:
+        quantizer.model.save_model_to_file(str(quantized), use_external_data_format=external_data)
+        del quantizer
+        report = {
+            "scheme": scheme,
+            "method": "onnxruntime MatMulNBits, weight-only, round-to-nearest, symmetric",
+            "bits": BITS[scheme],
+            "block_size": BLOCK_SIZE,
+            "accuracy_level": ACCURACY_LEVEL,
+            "quantized_matmuls": _op_counts(quantized).get("MatMulNBits", 0),
+            "decoder_bytes_before": _graph_bytes(decoder),
+            **agreement(onnx_dir, quantized, checkpoint),
+        }
+    except BaseException:
+        for partial in onnx_dir.glob(f"{quantized.name}*"):
+            partial.unlink()
+        raise
     for old in onnx_dir.glob("decoder_model_merged.onnx*"):
         old.unlink()
     for data in onnx_dir.glob(f"{quantized.name}?*"):  # its external data, named after the final graph file

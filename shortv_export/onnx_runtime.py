@@ -42,6 +42,7 @@ class ShortVOnnxModel:
         self.device = "cuda" if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.dtype = _NUMPY[spec["dtype"]]
         self.image_token_id = spec["image_token_id"]
+        self.generation = generation  # the checkpoint's generation config: defaults for generate()
         self.eos_token_id = generation.get("eos_token_id")
         self.pad_token_id = generation.get("pad_token_id")
 
@@ -72,12 +73,7 @@ class ShortVOnnxModel:
             key: ort.InferenceSession(str(onnx_dir / spec[name]["file"]), session_options, providers=providers)
             for key, name in (("vision", "vision_encoder"), ("embed", "embed_tokens"), ("decoder", "decoder"))
         }
-        generation = {}
-        for candidate in (onnx_dir / "generation_config.json", onnx_dir.parent / "generation_config.json"):
-            if candidate.exists():
-                generation = json.loads(candidate.read_text())
-                break
-        return cls(onnx_dir, spec, sessions, generation, io_binding)
+        return cls(onnx_dir, spec, sessions, _generation_defaults(onnx_dir), io_binding)
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
@@ -172,8 +168,8 @@ class ShortVOnnxModel:
         image_sizes=None,
         *,
         max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
@@ -181,9 +177,16 @@ class ShortVOnnxModel:
         pad_token_id: int | None = None,
     ) -> np.ndarray:
         """Greedy decoding, or sampling with ``do_sample`` (``temperature``, then ``top_k``, then ``top_p``, as
-        transformers' warpers apply them; ``seed`` makes it reproducible). Stops a row at any of ``eos_token_id``
-        (default: the generation config's); returns [batch, prompt + new] token ids, finished rows padded with
-        ``pad_token_id``, like HF generate. Any other argument is an error, not silently ignored."""
+        transformers' warpers apply them; ``seed`` makes it reproducible). Left as None, the sampling settings come
+        from the checkpoint's generation_config.json, else transformers' defaults (no sampling, temperature 1,
+        top_k 50, top_p 1), as HF generate does. Stops a row at any of ``eos_token_id`` (default: the generation
+        config's); returns [batch, prompt + new] token ids, finished rows padded with ``pad_token_id``, like HF
+        generate. Any other argument is an error, not silently ignored."""
+        g = self.generation
+        do_sample = g.get("do_sample", False) if do_sample is None else do_sample
+        temperature = g.get("temperature", 1.0) if temperature is None else temperature
+        top_k = g.get("top_k", 50) if top_k is None else top_k
+        top_p = g.get("top_p", 1.0) if top_p is None else top_p
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
@@ -250,6 +253,23 @@ def warp(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None) -> np.ndar
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def _generation_defaults(onnx_dir: Path) -> dict:
+    """generation_config.json beside the graphs or in the checkpoint; EOS and pad ids fall back to config.json."""
+    generation = {}
+    for candidate in (onnx_dir / "generation_config.json", onnx_dir.parent / "generation_config.json"):
+        if candidate.exists():
+            generation = json.loads(candidate.read_text())
+            break
+    config_file = onnx_dir.parent / "config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        for key in ("eos_token_id", "pad_token_id"):
+            value = config.get(key, (config.get("text_config") or {}).get(key))
+            if generation.get(key) is None and value is not None:
+                generation[key] = value
+    return generation
 
 
 def text_index(visual: np.ndarray) -> np.ndarray:

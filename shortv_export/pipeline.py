@@ -112,6 +112,7 @@ def convert(
         raise ShortVError("--onnx-quantize applies to the ONNX export: add --onnx")
     if onnx_quantize not in (None, "int4", "int8"):
         raise ShortVError(f"--onnx-quantize {onnx_quantize}: choose int4 or int8")
+    _check_device(calibration.device, onnx and not dry_run)
     missing_onnx = _missing_onnx_modules() if onnx else []
     if missing_onnx and not dry_run:
         raise ShortVError(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]' (or [gpu])")
@@ -139,15 +140,26 @@ def convert(
     # 2. calibrate (or reuse lc.json) and 3. select; the output folder is checked as soon as it is known
     from .write import check_output
 
+    options = dict(
+        model=base_model or source.repo_id or model,
+        target_flops=target_flops,
+        model_revision=model_revision,
+        onnx=onnx,
+        onnx_dtype=onnx_dtype,
+        onnx_quantize=onnx_quantize,
+    )
     if layers is None:
-        planned = n if n is not None else None if target_flops is not None else default_n(total)
-        if result.out is None and planned is not None:
-            result.out = Path(f"{source.name}-shortv-n{planned}")
-        if result.out is not None:  # before the (long) calibration
-            check_output(result.out, overwrite, source)
+        counts = None
+        if target_flops is not None or dry_run:  # token counts from the processor alone, no model
+            counts = _token_counts(source, calibration)
+        planned = n if n is not None else default_n(total)
+        if target_flops is not None:
+            planned = _n_for_target(source, target_flops, *counts[:2])
+        result.out = result.out or Path(f"{source.name}-shortv-n{planned}")
+        check_output(result.out, overwrite, source)  # before the (long) calibration
         if dry_run:
-            return _dry_run_plan(result, source, planned, target_flops, calibration, onnx, onnx_dtype, say)
-        lc = _calibrate(source, result.out, calibration, planned, target_flops, progress, say)
+            return _dry_run_plan(result, source, planned, counts, calibration, options, say)
+        lc = _calibrate(source, result.out, calibration, planned, progress, say)
         result.lc, result.layers = lc, lc.fidelity["layers"]
         say(f"LC order (lowest first): {lc.order}")
         f = lc.fidelity
@@ -157,12 +169,12 @@ def convert(
         )
         if warning := _agreement_warning(f):
             result.warnings.append(warning)
-    result.n = len(result.layers)
-    if result.out is None or layers is not None:  # not checked yet (--layers, or --target-flops named it now)
-        result.out = result.out or Path(f"{source.name}-shortv-n{result.n}")
+    else:
+        result.out = result.out or Path(f"{source.name}-shortv-n{len(result.layers)}")
         check_output(result.out, overwrite, source)
+    result.n = len(result.layers)
     result.flops = _flops(source, result.layers, result.lc)
-    result.command = _command(model, result, target_flops, calibration)
+    result.command = _command(result, calibration, options)
     say(f"frozen for visual tokens: {result.n} layers {result.layers}")
     say(_flops_line(result.flops))
 
@@ -231,28 +243,31 @@ def convert(
     from .publish import Publisher
     from .verify import verify_folder
 
-    # the token and offline mode are checked before the (slower) verification
-    publisher = (
-        Publisher(result.out, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr)
-        if push
-        else None
-    )
-    say("verifying: reloading the folder in a fresh process with transformers alone")
     try:
-        result.verification = v = verify_folder(result.out, source.path, result.layers)
-    except ShortVError as err:
-        raise ShortVError(f"{err}. {result.out} is written but was not pushed" if push else str(err)) from None
-    say(
-        f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
-        f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
-        f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; greedy tokens with the cache "
-        "equal those without it"
-    )
-    repo = publisher.resolve_repo_id() if push else result.out.name
-    _replace(result.out / "README.md", card(repo, v))
-    if push:
-        say(f"pushing {result.out} to {repo}" + (f" ({revision})" if revision else ""))
-        result.pushed = publisher.push(commit_message)
+        # the token and offline mode are checked before the (slower) verification
+        publisher = (
+            Publisher(result.out, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr)
+            if push
+            else None
+        )
+        say("verifying: reloading the folder in a fresh process with transformers alone")
+        try:
+            result.verification = v = verify_folder(result.out, source.path, result.layers)
+        except ShortVError as err:
+            raise ShortVError(f"{err}. {result.out} is written but was not pushed" if push else str(err)) from None
+        say(
+            f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
+            f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
+            f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; greedy tokens with the cache "
+            "equal those without it"
+        )
+        repo = publisher.resolve_repo_id() if push else result.out.name
+        _replace(result.out / "README.md", card(repo, v))
+        if push:
+            say(f"pushing {result.out} to {repo}" + (f" ({revision})" if revision else ""))
+            result.pushed = publisher.push(commit_message)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{result.out} is written; interrupted before it was checked or pushed") from None
     return result
 
 
@@ -269,6 +284,28 @@ def _quiet_libraries() -> None:
     disable_progress_bar()
 
 
+def _check_device(device: str | None, onnx: bool) -> None:
+    """``--device``: a device torch knows and this machine has (and, for the ONNX check on CUDA, onnxruntime-gpu)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ShortVError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:1, mps ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ShortVError(f"--device {device}: this torch sees no CUDA GPU (torch {torch.__version__})")
+    if kind == "cuda" and onnx:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ShortVError(
+                "--onnx with --device cuda checks the graphs with ONNX Runtime's CUDA provider: "
+                "pip install 'shortv-export[gpu]' (onnxruntime-gpu)"
+            )
+
+
 def _missing_onnx_modules() -> list[str]:
     import importlib.util
 
@@ -279,44 +316,57 @@ def _set_description(name: str) -> str:
     return "the embedded set (real photographs, 20 questions + 20 caption prompts)" if name == "default" else name
 
 
-def _dry_run_plan(result, source, planned, target_flops, calibration, onnx, onnx_dtype, say) -> ConvertResult:
-    """A dry run without --layers: the N that would be frozen and its FLOPs at the calibration set's token counts,
-    counted with the processor alone (no model is loaded), and the files."""
+def _token_counts(source, c: CalibrationOptions) -> tuple[float, float, Any]:
+    """Mean visual and text tokens per calibration prompt, counted with the processor alone, and the set."""
     from .data import load_calibration, token_counts
     from .load import load_processor
-    from .select import smallest_n_for_flops
-    from .write import plan_files
 
     calib = load_calibration(
-        calibration.calib,
-        samples=calibration.samples,
-        seed=calibration.seed,
-        image_column=calibration.image_column,
-        prompt_column=calibration.prompt_column,
+        c.calib, samples=c.samples, seed=c.seed, image_column=c.image_column, prompt_column=c.prompt_column
     )
-    n_visual, n_text = token_counts(load_processor(source.path), calib, source.hf_config.image_token_id)
-    text_config = source.hf_config.text_config
-    if planned is None:
-        planned = smallest_n_for_flops(text_config, list(range(source.num_layers)), target_flops, n_visual, n_text)
-        result.out = result.out or Path(f"{source.name}-shortv-n{planned}")
+    return (*token_counts(load_processor(source.path), calib, source.hf_config.image_token_id), calib)
+
+
+def _n_for_target(source, target_flops: float, n_visual: float, n_text: float) -> int:
+    """``--target-flops``: the fewest frozen layers that reach it (every layer costs the same, so this is known
+    before calibration picks which)."""
+    from .select import smallest_n_for_flops
+
+    n = smallest_n_for_flops(
+        source.hf_config.text_config, list(range(source.num_layers)), target_flops, n_visual, n_text
+    )
+    if n == 0:
+        raise ShortVError(f"--target-flops {target_flops}: already met with no frozen layer")
+    return n
+
+
+def _dry_run_plan(result, source, planned, counts, c: CalibrationOptions, options, say) -> ConvertResult:
+    """A dry run without --layers: the N that would be frozen and its FLOPs at the calibration set's token counts
+    (counted with the processor alone, no model is loaded), and the files."""
+    from .write import plan_files
+
+    n_visual, n_text, calib = counts
     result.n = planned
     # every decoder layer has the same shape: any N layers cost the same, whichever LC picks
+    text_config = source.hf_config.text_config
     result.flops = _flops_at(text_config, n_visual, n_text, list(range(planned)), "calibration set mean")
-    result.command = _command(source.model_id, result, target_flops, calibration)
-    rule = f"the {planned} lowest-LC layers" + (f" (FLOPs ratio <= {target_flops})" if target_flops else "")
+    result.command = _command(result, c, options)
+    target = options["target_flops"]
+    rule = f"the {planned} lowest-LC layers" + (f" (FLOPs ratio <= {target})" if target else "")
     say(f"would calibrate LC on {len(calib.samples)} samples of {_set_description(calib.name)} and freeze {rule}")
     say(_flops_line(result.flops))
     result.files = plan_files(source, dict.fromkeys(("README.md", "lc.json", "lc.png")))
-    if onnx:
-        say(f"would export ONNX graphs ({onnx_dtype}) to {result.out}/onnx/")
+    if options["onnx"]:
+        quantized = f", decoder quantized to {options['onnx_quantize']}" if options["onnx_quantize"] else ""
+        say(f"would export ONNX graphs ({options['onnx_dtype']}{quantized}) to {result.out}/onnx/")
     return result
 
 
-def _calibrate(source, out, calibration: CalibrationOptions, n, target_flops, progress, say):
+def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say):
     """LC (reused from out/lc.json when it matches), the selected layers and their fidelity, as one LCResult."""
     from .calibrate import calibrate, calibration_key, fidelity, load_model, resolve_dtype, reusable
     from .data import load_calibration
-    from .select import lowest, smallest_n_for_flops
+    from .select import lowest
 
     c = calibration
     calib = load_calibration(
@@ -335,16 +385,6 @@ def _calibrate(source, out, calibration: CalibrationOptions, n, target_flops, pr
         lc = calibrate(
             model, processor, calib, modality=c.modality, batch_size=c.batch_size, progress=progress, key=key
         )
-    if target_flops is not None:
-        n = smallest_n_for_flops(
-            source.hf_config.text_config,
-            lc.order,
-            target_flops,
-            lc.calibration["n_visual_mean"],
-            lc.calibration["n_text_mean"],
-        )
-        if n == 0:
-            raise ShortVError(f"--target-flops {target_flops}: already met with no frozen layer")
     layers = lowest(lc.order, n)
     floor = c.min_agreement
     stored = lc.fidelity if lc.fidelity and lc.fidelity["layers"] == layers else None
@@ -355,7 +395,8 @@ def _calibrate(source, out, calibration: CalibrationOptions, n, target_flops, pr
         def agreement(frozen: list[int]) -> dict:
             return fidelity(model, processor, calib, frozen, batch_size=c.batch_size, progress=progress)
 
-        lc.fidelity = dict(stored or agreement(layers), min_agreement=floor)
+        fresh = {k: v for k, v in (stored or agreement(layers)).items() if not k.startswith("largest_n")}
+        lc.fidelity = dict(fresh, min_agreement=floor)
         if lc.fidelity["top1_agreement"] < floor:
             say(
                 f"top-1 agreement {lc.fidelity['top1_agreement']:.1%} is below --min-agreement {floor:.0%}: "
@@ -387,8 +428,8 @@ def _agreement_warning(f: dict[str, Any]) -> str | None:
     advice = f"--n {good} keeps {f['largest_n_top1_agreement']:.1%}" if good else "no N >= 1 stays above it"
     return (
         f"top-1 next-token agreement with the base model is {f['top1_agreement']:.1%} with {len(f['layers'])} "
-        f"layers frozen, below --min-agreement {f['min_agreement']:.0%}; {advice} (a rerun into the same --out "
-        "reuses the LC)"
+        f"layers frozen, below --min-agreement {f['min_agreement']:.0%}; {advice} (a rerun with --overwrite into "
+        "the same --out reuses the LC)"
     )
 
 
@@ -423,19 +464,33 @@ def _flops_line(flops: dict[str, Any]) -> str:
     )
 
 
-def _command(model: str, result: ConvertResult, target_flops, c: CalibrationOptions) -> str:
-    """The shortv-export command that reproduces the selection."""
+def _command(result: ConvertResult, c: CalibrationOptions, options: dict[str, Any]) -> str:
+    """The shortv-export command that reproduces the result: its selection and every option that changes it."""
+    args = []
     if result.lc is None and result.layers is not None:
-        args = ["--layers", ",".join(map(str, result.layers))]
+        args += ["--layers", ",".join(map(str, result.layers))]
     else:
-        args = ["--target-flops", str(target_flops)] if target_flops is not None else ["--n", str(result.n)]
+        target = options["target_flops"]
+        args += ["--target-flops", str(target)] if target is not None else ["--n", str(result.n)]
         if c.calib:
             args += ["--calib", c.calib]
+            if c.calib.startswith("hf:"):
+                args += ["--image-column", c.image_column]
+                args += ["--prompt-column", c.prompt_column] if c.prompt_column else []
         if c.samples:
             args += ["--samples", str(c.samples), "--seed", str(c.seed)]
         if c.modality != "visual":
             args += ["--modality", c.modality]
-    return shlex.join(["shortv-export", model, *args])
+        if c.dtype != "auto":
+            args += ["--dtype", c.dtype]
+        if c.min_agreement != MIN_AGREEMENT:
+            args += ["--min-agreement", str(c.min_agreement)]
+    if options["model_revision"]:
+        args += ["--model-revision", options["model_revision"]]
+    if options["onnx"]:
+        args += ["--onnx"] + (["--onnx-dtype", options["onnx_dtype"]] if options["onnx_dtype"] != "fp32" else [])
+        args += ["--onnx-quantize", options["onnx_quantize"]] if options["onnx_quantize"] else []
+    return shlex.join(["shortv-export", str(options["model"]), *args])
 
 
 def _card(source, result, has_plot, license, base_model, repo, verification, onnx) -> str:

@@ -65,6 +65,26 @@ def check_output(out: Path, overwrite: bool, source: Source) -> None:
         raise ShortVError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise ShortVError(f"{out} exists and is not a folder")
+    if out.exists() and not _replaceable(out):
+        raise ShortVError(
+            f"--overwrite replaces only an empty folder or an earlier ShortV output, and {out} is neither "
+            "(or is your home or current folder); choose another --out"
+        )
+
+
+def _replaceable(folder: Path) -> bool:
+    """An existing --out that --overwrite may delete: empty, or a folder this tool wrote (its config.json has a
+    ShortV model_type); never the home or current folder or one above them."""
+    protected = {Path.home().resolve(), Path.cwd().resolve(), Path("/")}
+    if folder in protected or any(folder in p.parents for p in protected):
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return False
+    return str(model_type).startswith("shortv_")
 
 
 def write_checkpoint(

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +14,7 @@ from conftest import tiny_dir
 from huggingface_hub import ModelCard
 
 import shortv_export
+import shortv_export.errors
 from shortv_export.cli import main
 
 
@@ -140,6 +142,7 @@ def test_below_min_agreement_warns_and_names_the_largest_n_that_stays_above(tmp_
     assert "That is below the 99% this conversion was asked to keep" in (out / "README.md").read_text()
     quiet = CliRunner().invoke(main, [*args, "--overwrite", "--min-agreement", "0.0"])  # LC reused, no warning
     assert quiet.exit_code == 0 and "Warning" not in quiet.stderr
+    assert "largest_n_above_min_agreement" not in json.loads((out / "lc.json").read_text())["fidelity"]
 
 
 def test_modality_both_is_in_the_card(tmp_path):
@@ -155,3 +158,116 @@ def test_flops_get_a_unit_that_fits(n_tflops, expected):
     from shortv_export.flops import format_flops
 
     assert format_flops(n_tflops) == expected
+
+
+def test_overwrite_never_deletes_a_folder_this_tool_did_not_write(tmp_path, monkeypatch):
+    mine = tmp_path / "my-work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out in (mine, tmp_path):  # an unrelated folder, and the current folder
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "1", "--out", str(out), "--overwrite"])
+        assert result.exit_code == 2 and "--overwrite replaces only" in result.stderr, result.output
+    assert (mine / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [str(tiny_dir("llava")), "--layers", "1", "--out", str(empty), "--overwrite", "-q", "--no-verify"]
+    assert CliRunner().invoke(main, args).exit_code == 0  # an empty folder may be replaced
+    assert CliRunner().invoke(main, args).exit_code == 0  # and so may an earlier ShortV output
+
+
+@pytest.mark.parametrize("device,expected", [("cuda", "sees no CUDA GPU"), ("potato", "not a device torch knows")])
+def test_a_device_this_machine_lacks_is_one_error_line(device, expected):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "1", "--device", device, "--dry-run"])
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: --device {device}: ") and expected in line
+
+
+def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
+    import socket
+
+    from shortv_export.load import _check_reachable
+
+    def refuse(*a, **k):
+        raise AssertionError("probed the Hub directly")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    _check_reachable("llava-hf/llava-1.5-7b-hf")  # the client will go through the proxy; no direct probe
+
+
+def test_the_reproduce_command_carries_every_option_that_changes_the_result(tmp_path):
+    calibration = shortv_export.CalibrationOptions(samples=3, seed=2, dtype="fp32", min_agreement=0.5)
+    result = shortv_export.convert(
+        str(tiny_dir("llava")),
+        n=2,
+        calibration=calibration,
+        onnx=True,
+        onnx_dtype="fp16",
+        onnx_quantize="int4",
+        base_model="me/tiny",
+        out=tmp_path / "x",
+        dry_run=True,
+        progress=False,
+    )
+    assert result.command == (
+        "shortv-export me/tiny --n 2 --samples 3 --seed 2 --dtype fp32 --min-agreement 0.5 --onnx --onnx-dtype fp16 "
+        "--onnx-quantize int4"
+    )
+
+
+def test_target_flops_is_settled_before_calibration(monkeypatch, tmp_path):
+    import shortv_export.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking"))
+    for target, expected in (("1.0", "already met with no frozen layer"), ("1.5", "must be a ratio in (0, 1]")):
+        result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--target-flops", target, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and expected in result.stderr, result.output
+    dry = shortv_export.convert(str(tiny_dir("llava")), target_flops=0.9, dry_run=True, progress=False)
+    assert 1 <= dry.n <= 6 and dry.flops["ratio"] <= 0.9 and dry.out.name.endswith(f"shortv-n{dry.n}")
+
+
+def test_lc_is_recomputed_when_the_weights_change_in_place(tmp_path):
+    import os
+
+    source = tmp_path / "base"
+    shutil.copytree(tiny_dir("llava"), source)
+    out = tmp_path / "out"
+    args = [str(source), "--n", "2", "--samples", "2", "--out", str(out), "--no-verify", "--min-agreement", "0"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    again = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert "reusing LC" in again.output
+    weights = source / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # saved again
+    changed = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert changed.exit_code == 0 and "reusing LC" not in changed.output and "calibrating LC" in changed.output
+
+
+def test_interrupted_after_the_write_says_where_the_folder_is(tmp_path, monkeypatch):
+    import shortv_export.verify as verify
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "verify_folder", interrupt)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "1", "--out", str(out), "-q"])
+    assert result.exit_code == 130 and (out / "config.json").exists()
+    assert result.stderr.strip() == f"Interrupted: {out} is written; interrupted before it was checked or pushed"
+
+
+def test_a_folder_named_dot_gets_its_own_name(tmp_path, monkeypatch):
+    source = tmp_path / "tiny-base"
+    shutil.copytree(tiny_dir("llava"), source)
+    monkeypatch.chdir(source)  # the default output would land inside the source: refused, under its real name
+    with pytest.raises(shortv_export.errors.ShortVError, match="tiny-base/tiny-base-shortv-n1 is inside"):
+        shortv_export.convert(".", layers="1", dry_run=True, progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert shortv_export.convert("tiny-base/.", layers="1", dry_run=True, progress=False).out == Path(
+        "tiny-base-shortv-n1"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from functools import cache
@@ -409,3 +410,58 @@ def test_export_reads_the_weights_tensor_by_tensor_and_frees_the_model(tmp_path)
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_runner_takes_its_defaults_from_the_checkpoint_like_hf_generate(exported, tmp_path):
+    """Sampling settings left as None come from generation_config.json (else transformers' defaults, top_k 50);
+    EOS and pad fall back to config.json when there is no generation config."""
+    out, _, _ = exported("llava")
+    runner = ShortVOnnxModel.from_pretrained(out)
+    inputs = {
+        k: v.numpy()
+        for k, v in batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava")).items()
+    }
+    runner.generation = dict(runner.generation, do_sample=True, temperature=0.8, top_k=5)
+    kw = dict(max_new_tokens=8, eos_token_id=[], seed=1)
+    explicit = runner.generate(**inputs, **kw, do_sample=True, temperature=0.8, top_k=5, top_p=1.0)
+    np.testing.assert_array_equal(runner.generate(**inputs, **kw), explicit)
+    runner.generation = {}
+    hf_default = runner.generate(**inputs, **kw, do_sample=True)  # transformers' top_k=50 applies
+    np.testing.assert_array_equal(hf_default, runner.generate(**inputs, **kw, do_sample=True, top_k=50))
+
+    copy = tmp_path / "no-generation-config"
+    shutil.copytree(out, copy)
+    (copy / "generation_config.json").unlink()
+    config = json.loads((copy / "config.json").read_text())
+    bare = ShortVOnnxModel.from_pretrained(copy)
+    assert bare.eos_token_id == config["text_config"]["eos_token_id"] is not None
+
+
+def test_safetensors_reader_follows_the_index_of_a_sharded_checkpoint(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from shortv_export.onnx_export import read_safetensors
+
+    base = tmp_path / "sharded"
+    AutoModelForImageTextToText.from_pretrained(tiny_dir("llava")).save_pretrained(base, max_shard_size="300KB")
+    shutil.copy2(tiny_dir("llava") / "model.safetensors", base / "consolidated.safetensors")  # not in the index
+    weights = read_safetensors(base, torch.float32)
+    index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(weights) == sorted(index)
+
+
+def test_a_failed_quantization_leaves_no_temporary_files(exported, tmp_path, monkeypatch):
+    import shortv_export.onnx_quantize as onnx_quantize
+
+    out, _, _ = exported("llava")
+    copy = tmp_path / "ckpt"
+    shutil.copytree(out, copy)
+
+    def boom(*a, **k):
+        raise RuntimeError("agreement check failed")
+
+    monkeypatch.setattr(onnx_quantize, "agreement", boom)
+    before = sorted(p.name for p in (copy / "onnx").iterdir())
+    with pytest.raises(RuntimeError, match="agreement"):
+        onnx_quantize.quantize_decoder(copy / "onnx", "int4", copy, external_data=False)
+    assert sorted(p.name for p in (copy / "onnx").iterdir()) == before

@@ -101,6 +101,10 @@ def test_model_from_the_hub_is_downloaded_and_converted(hub, tmp_path):
     # A revision that does not exist is a clear error.
     bad = shortv_export("me/tiny-base", "--layers", "2", "--model-revision", "nope", "--out", tmp_path / "x", env=env)
     assert bad.returncode == 2 and "revision 'nope' not found" in bad.stderr
+    # Offline, the cached copy is enough for a dry run (its files listed from the cache, not the Hub).
+    offline = shortv_export("me/tiny-base", "--dry-run", "--samples", "2", env=dict(env, HF_HUB_OFFLINE="1"))
+    assert offline.returncode == 0, offline.stderr
+    assert "model.safetensors" in offline.stdout and "would calibrate LC on 2 samples" in offline.stdout
 
 
 def test_push_to_a_branch_and_as_a_pull_request(hub, tmp_path, monkeypatch):
