@@ -192,8 +192,10 @@ def _verification(v: dict[str, Any]) -> list[str]:
         f"in-process ShortV model {match}, no weight is missing or unexpected, and against the base model the "
         f"mean KL of the next-token distribution is {v['mean_kl_vs_base']:.4g} with "
         f"{v['top1_agreement_vs_base']:.0%} top-1 agreement. Greedy generation for a padded batch of "
-        f"{v['generate_rows']} prompts ({v['generate_new_tokens']} new tokens) gives the same tokens with the KV "
-        "cache as without it, and as the in-process model. "
+        f"{v['generate_rows']} prompts ({v['generate_new_tokens']} new tokens) with the KV cache gives the logits "
+        "that one forward over the same tokens without the cache gives (max difference "
+        f"{v['generate_max_abs_logits_diff_cached_vs_uncached']:.2g}), and the in-process model's tokens. "
+        f"Run in {v.get('dtype', 'float32')} on {v.get('device', 'cpu')}. "
         f"Checked with transformers {v['transformers']}.",
         "",
     ]

@@ -252,14 +252,16 @@ def convert(
         )
         say("verifying: reloading the folder in a fresh process with transformers alone")
         try:
-            result.verification = v = verify_folder(result.out, source.path, result.layers)
+            result.verification = v = verify_folder(
+                result.out, source.path, result.layers, device=calibration.device, dtype=calibration.dtype
+            )
         except ShortVError as err:
             raise ShortVError(f"{err}. {result.out} is written but was not pushed" if push else str(err)) from None
         say(
             f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
             f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
-            f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; greedy tokens with the cache "
-            "equal those without it"
+            f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; generating with the cache matches "
+            f"without it (max |logits diff| {v['generate_max_abs_logits_diff_cached_vs_uncached']:.2e}, {v['dtype']})"
         )
         repo = publisher.resolve_repo_id() if push else result.out.name
         _replace(result.out / "README.md", card(repo, v))

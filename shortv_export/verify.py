@@ -4,9 +4,11 @@ A fresh Python process that never imports this package loads the folder with
 ``AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)`` (dynamic-module cache in a
 temporary folder) and runs a few calibration prompts. Its last-position logits must equal those of the
 in-process ShortV model, no weight may be missing or unexpected, and with frozen layers the outputs must differ
-from the base model's (ShortV is really on). It also generates greedily for a padded batch of 2 prompts, with the
-KV cache and without it: the tokens must agree with each other and with the in-process model's, so a checkpoint
-that caches wrong keys and values fails here. Against the base model it reports mean KL and top-1 agreement.
+from the base model's (ShortV is really on). It also generates greedily for a padded batch of 2 prompts with the
+KV cache, then runs the same tokens through one forward without the cache: each step's logits must match (within
+the dtype's rounding), so a checkpoint that caches wrong keys and values fails here, and the tokens must equal the
+in-process model's. Against the base model it reports mean KL and top-1 agreement. It runs on the device and in
+the dtype given (the CLI's --device and --dtype: fp32 on the CPU, bf16 on a GPU).
 """
 
 from __future__ import annotations
@@ -27,49 +29,77 @@ _USER_CODE = r"""
 import json, sys, torch
 from transformers import AutoModelForImageTextToText
 folder, inputs_path, generate_path, out_path = sys.argv[1:5]
+settings = json.loads(sys.argv[5])
+dtype = getattr(torch, settings["dtype"])
 model, info = AutoModelForImageTextToText.from_pretrained(
-    folder, trust_remote_code=True, dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True
+    folder, trust_remote_code=True, dtype=dtype, attn_implementation="sdpa", output_loading_info=True
 )
+model = model.to(settings["device"]).eval()
 assert "shortv_export" not in sys.modules
-inputs = torch.load(inputs_path, weights_only=True)
-prompts = torch.load(generate_path, weights_only=True)
-greedy = json.loads(sys.argv[5])
+def place(batch):
+    return {k: v.to(settings["device"], dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+inputs = place(torch.load(inputs_path, weights_only=True))
+prompts = place(torch.load(generate_path, weights_only=True))
 with torch.no_grad():
-    logits = model.eval()(**inputs, logits_to_keep=1).logits[:, -1].float()
-    cached = model.generate(**prompts, **greedy)
-    uncached = model.generate(**prompts, **greedy, use_cache=False)
-torch.save({"logits": logits, "cached": cached, "uncached": uncached}, out_path)
+    logits = model(**inputs, logits_to_keep=1).logits[:, -1].float().cpu()
+    out = model.generate(**prompts, **settings["greedy"], return_dict_in_generate=True, output_logits=True)
+    # The same tokens without the cache: one forward over prompt + generated tokens, positions as generate made
+    # them; its logits at each generated step must match the cached steps' logits.
+    n = prompts["input_ids"].shape[1]
+    mask = torch.cat([prompts["attention_mask"], torch.ones_like(out.sequences[:, n:])], dim=1)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    full = model(**dict(prompts, input_ids=out.sequences, attention_mask=mask), position_ids=positions, use_cache=False)
+    uncached = full.logits[:, n - 1 : -1].float().cpu()
+cached = torch.stack(out.logits, dim=1).float().cpu()
+torch.save({"logits": logits, "tokens": out.sequences.cpu(), "cached": cached, "uncached": uncached}, out_path)
 print(json.dumps({"class": type(model).__name__, "missing": sorted(info["missing_keys"]),
                   "unexpected": sorted(info["unexpected_keys"]), "shortv_layers": model.config.shortv_layers}))
 """
 
 TOLERANCE = 1e-4  # reloaded vs in-process, relative to the largest logit (same device, dtype and attention)
+# cached vs uncached step logits, relative to the largest: the same maths in another order (and, in half
+# precision, other rounding); a wrong cache is off by the size of the logits themselves
+CACHE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 GENERATED_TOKENS = 8
 
 
-def verify_folder(folder: str | Path, base: str | Path, layers: list[int], samples: int = 4) -> dict:
-    """Check ``folder`` (the written checkpoint of ``base`` freezing ``layers``); raise ShortVError on failure."""
+def verify_folder(
+    folder: str | Path,
+    base: str | Path,
+    layers: list[int],
+    samples: int = 4,
+    device: str | None = None,
+    dtype: str = "fp32",
+) -> dict:
+    """Check ``folder`` (the written checkpoint of ``base`` freezing ``layers``) on ``device`` (default the CPU) in
+    ``dtype`` ("fp32", "bf16", "fp16", or "auto": fp32 on the CPU, bf16 on a GPU); raise ShortVError on failure."""
     import transformers
-    from transformers import AutoProcessor
 
-    from .calibrate import kl_and_top1
+    from .calibrate import kl_and_top1, resolve_dtype
     from .data import load_calibration, prompt_batch
+    from .load import load_processor
     from .models import load_shortv
 
     folder = Path(folder)
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    device = device or "cpu"
+    torch_dtype = resolve_dtype(dtype, device, None)
+    processor = load_processor(folder)
     chosen = load_calibration(None).samples[:: max(1, 40 // samples)][:samples]
     inputs = prompt_batch(processor, chosen)
     prompts = prompt_batch(processor, chosen[:2])  # left-padded: the rows differ in length
 
-    model = load_shortv(base, layers, dtype=torch.float32, attn_implementation="sdpa").eval()
-    # random or tiny models may pick <image>, which an uncached step would take for a placeholder
+    model = load_shortv(base, layers, dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
+    # random or tiny models may pick <image>, which a later step without the cache would take for a placeholder
     greedy = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, suppress_tokens=[model.config.image_token_id])
+
+    def place(batch):
+        return {k: v.to(device, torch_dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+
     with torch.no_grad():
-        shortv = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-        tokens = model.generate(**prompts, **greedy)
+        shortv = model(**place(inputs), logits_to_keep=1).logits[:, -1].float().cpu()
+        tokens = model.generate(**place(prompts), **greedy).cpu()
         model.model.shortv_layers = []  # the same weights on the stock path: the base model
-        vanilla = model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        vanilla = model(**place(inputs), logits_to_keep=1).logits[:, -1].float().cpu()
     del model
 
     with tempfile.TemporaryDirectory(prefix="shortv-verify-") as tmp:
@@ -78,8 +108,9 @@ def verify_folder(folder: str | Path, base: str | Path, layers: list[int], sampl
         torch.save(prompts, tmp / "prompts.pt")
         env = dict(os.environ, HF_MODULES_CACHE=str(tmp / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
         paths = [str(folder.resolve()), *(str(tmp / name) for name in ("inputs.pt", "prompts.pt", "out.pt"))]
+        settings = {"greedy": greedy, "device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
         result = subprocess.run(
-            [sys.executable, "-c", _USER_CODE, *paths, json.dumps(greedy)],
+            [sys.executable, "-c", _USER_CODE, *paths, json.dumps(settings)],
             capture_output=True,
             text=True,
             cwd=tmp,
@@ -95,17 +126,22 @@ def verify_folder(folder: str | Path, base: str | Path, layers: list[int], sampl
     scale = float(shortv.abs().max()) or 1.0
     diff = float((reloaded - shortv).abs().max())
     kl, top1 = kl_and_top1(vanilla, reloaded)
+    cache_scale = float(out["cached"].abs().max()) or 1.0
+    cache_diff = float((out["cached"] - out["uncached"]).abs().max())
     figures = {
         "samples": len(chosen),
         "class": report["class"],
+        "device": device,
+        "dtype": str(torch_dtype).removeprefix("torch."),
         "max_abs_logits_diff_vs_in_process": diff,
         "tolerance": TOLERANCE * scale,
         "mean_kl_vs_base": kl,
         "top1_agreement_vs_base": top1,
         "generate_rows": int(tokens.shape[0]),
         "generate_new_tokens": GENERATED_TOKENS,
-        "generate_cached_equals_uncached": torch.equal(out["cached"], out["uncached"]),
-        "generate_equals_in_process": torch.equal(out["cached"], tokens),
+        "generate_max_abs_logits_diff_cached_vs_uncached": cache_diff,
+        "generate_cache_tolerance": CACHE_TOLERANCE[torch_dtype] * cache_scale,
+        "generate_equals_in_process": torch.equal(out["tokens"], tokens),
         "transformers": transformers.__version__,
     }
     problems = []
@@ -113,8 +149,11 @@ def verify_folder(folder: str | Path, base: str | Path, layers: list[int], sampl
         problems.append(f"weights missing {report['missing'][:3]} / unexpected {report['unexpected'][:3]}")
     if report["shortv_layers"] != list(layers):
         problems.append(f"config shortv_layers {report['shortv_layers']} != {list(layers)}")
-    if not figures["generate_cached_equals_uncached"]:
-        problems.append("greedy tokens with the KV cache differ from those without it: the cache is wrong")
+    if not cache_diff <= figures["generate_cache_tolerance"]:
+        problems.append(
+            f"generating with the KV cache gives other logits than without it (max diff {cache_diff:.3g}, "
+            f"tolerance {figures['generate_cache_tolerance']:.3g}): the cache is wrong"
+        )
     elif not figures["generate_equals_in_process"]:
         problems.append("greedy tokens of the reloaded model differ from the in-process model's")
     if not diff <= TOLERANCE * scale:

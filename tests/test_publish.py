@@ -202,14 +202,19 @@ def test_verify_catches_a_broken_folder(tmp_path, monkeypatch):
         verify.verify_folder(out, tiny_dir("llava"), [2])
 
 
-def test_verify_catches_a_checkpoint_that_caches_wrong_keys_and_values(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_verify_catches_a_checkpoint_that_caches_wrong_keys_and_values(tmp_path, dtype):
     """Prefill logits are right, but the frozen layers write other K/V into the cache (what transformers 5.24's
-    rename did to the old model file): cached and uncached greedy tokens differ, and verify fails."""
+    rename did to the old model file): generating with the cache no longer matches generating without it, in
+    fp32 and in bf16 (whose own rounding stays inside the tolerance: the intact folder passes)."""
     import shortv_export.verify as verify
 
     out = tmp_path / "bad-cache"
     result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "0,2", "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
+    figures = verify.verify_folder(out, tiny_dir("llava"), [0, 2], dtype=dtype)
+    assert figures["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    assert figures["generate_max_abs_logits_diff_cached_vs_uncached"] <= figures["generate_cache_tolerance"]
     code = (out / "modeling_shortv_llava.py").read_text()
     good = "key, value = cache.update(key, value, self.layer_idx)"
     assert good in code
@@ -217,4 +222,4 @@ def test_verify_catches_a_checkpoint_that_caches_wrong_keys_and_values(tmp_path)
         code.replace(good, "cache.update(key.flip(2), value.flip(2), self.layer_idx)")
     )
     with pytest.raises(verify.ShortVError, match="the cache is wrong"):
-        verify.verify_folder(out, tiny_dir("llava"), [0, 2])
+        verify.verify_folder(out, tiny_dir("llava"), [0, 2], dtype=dtype)
