@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from shortv_export.modeling.modeling_shortv_llava import FROZEN_LAYERS  # noqa: E402
+from shortv_export.modeling.modeling_shortv import FROZEN_LAYERS  # noqa: E402
 from train_tiny_llava import Encoded, accuracy, easy_vqa_split  # noqa: E402
 
 from shortv_export.calibrate import calibrate  # noqa: E402

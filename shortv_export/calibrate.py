@@ -22,7 +22,7 @@ import torch
 from .data import CalibrationSet, prompt_batch
 from .errors import ShortVError
 from .load import Source
-from .modeling.modeling_shortv_llava import MASK_FUNCTIONS, attention_types
+from .modeling.modeling_shortv import MASK_FUNCTIONS, attention_types
 
 MODALITIES = ("visual", "both")
 
@@ -128,41 +128,69 @@ def load_model(source: Source, *, device: str | None = None, dtype: str = "auto"
     return model, load_processor(source.path)
 
 
+def text_model(model):
+    """The decoder of a stock VLM: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""
+    return model.model.language_model if "language_model" in model.model._modules else model.model.text_model
+
+
+def visual_token_ids(config) -> list[int]:
+    """The placeholder tokens whose rows hold image (and video) features."""
+    return [getattr(config, k) for k in ("image_token_id", "video_token_id") if getattr(config, k, None) is not None]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _text_model_inputs(model, inputs: dict) -> dict:
+    """The keyword arguments the stock model hands its text model for ``inputs`` (images merged into
+    ``inputs_embeds``, the family's own position ids): the stock forward runs up to that call, no further."""
+    captured = {}
+
+    def capture(_module, _args, kwargs):
+        captured.update(kwargs)
+        raise _Captured
+
+    hook = text_model(model).register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        model.model(**inputs, use_cache=False)
+    except _Captured:
+        pass
+    except (ValueError, RuntimeError) as err:
+        raise ShortVError(
+            f"the model does not take the processor's inputs ({' '.join(str(err).split())}): is the processor "
+            "the one saved with the model?"
+        ) from None
+    finally:
+        hook.remove()
+    return captured
+
+
 class _Batch:
     """One padded batch's original run: every layer's input, and what later runs need to continue it."""
 
     def __init__(self, model, processor, samples, cache_device):
         self.model = model
         self.layer_forwards = 0  # decoder-layer forwards run for this batch, original run included
-        lm = model.model.language_model
+        lm = text_model(model)
         self.layers = list(lm.layers)
         inputs = prompt_batch(processor, samples)  # left-padded: the last position ends every prompt
         first = next(model.parameters()).device
         inputs = {k: v.to(first) for k, v in inputs.items()}
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        self.visual = ids == model.config.image_token_id
+        self.visual = torch.isin(ids, torch.tensor(visual_token_ids(model.config), device=ids.device))
         self.text = (~self.visual) & attention.bool()
         self.n_visual = self.visual.sum(1).tolist()
         self.n_text = self.text.sum(1).tolist()
         with torch.no_grad():
-            embeds = lm.embed_tokens(ids)
-            features = model.model.get_image_features(
-                pixel_values=inputs["pixel_values"].to(embeds.dtype),
-                image_sizes=inputs.get("image_sizes"),
-                vision_feature_layer=model.config.vision_feature_layer,
-                vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                return_dict=True,
-            )
-            features = torch.cat(list(features.pooler_output), 0).to(embeds.device, embeds.dtype)
-            if features.shape[0] != int(self.visual.sum()):
-                raise ShortVError(
-                    f"image features ({features.shape[0]}) and image tokens ({int(self.visual.sum())})"
-                    " disagree: is the processor the one saved with the model?"
-                )
-            hidden = embeds.masked_scatter(self.visual.unsqueeze(-1), features)
-            # Positions that ignore left padding, so a batched row computes exactly what it computes alone.
-            self.position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-            self.position_embeddings = lm.rotary_emb(hidden, self.position_ids)
+            given = _text_model_inputs(model, inputs)
+            hidden = given["inputs_embeds"]
+            positions = given.get("position_ids")
+            if positions is None:  # 1-D RoPE: positions that ignore left padding, so a batched row computes
+                positions = (attention.cumsum(-1) - 1).clamp(min=0)  # exactly what it computes alone
+            # (M-RoPE: the family's 3-D positions, which already ignore padding)
+            self.position_ids = positions if positions.ndim == 2 else None  # what masks and layers see
+            self.position_embeddings = lm.rotary_emb(hidden, positions)
             # Each layer's mask as the stock text model builds it (causal, or sliding window).
             kinds = attention_types(lm.config)
             masks = {
@@ -193,7 +221,7 @@ class _Batch:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the next token after each row's last prompt position, in fp32 (fp64 for an fp64
         model)."""
-        lm = self.model.model.language_model
+        lm = text_model(self.model)
         last = hidden[:, -1].to(lm.norm.weight.device)
         logits = self.model.lm_head(lm.norm(last).to(self.model.lm_head.weight.device))
         return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
@@ -254,7 +282,7 @@ def calibrate(
     """LC of every decoder layer for visual tokens (and text tokens with ``modality='both'``)."""
     if modality not in MODALITIES:
         raise ShortVError(f"--modality {modality!r}: choose one of {', '.join(MODALITIES)}")
-    num_layers = len(model.model.language_model.layers)
+    num_layers = len(text_model(model).layers)
     sums = {"visual": torch.zeros(num_layers, dtype=torch.float64)}
     if modality == "both":
         sums["text"] = torch.zeros(num_layers, dtype=torch.float64)

@@ -154,15 +154,21 @@ def token_counts(processor, calib: CalibrationSet, image_token_id: int) -> tuple
     return visual / len(calib.samples), text / len(calib.samples)
 
 
+NESTED_IMAGES = ("Idefics3Processor", "SmolVLMProcessor")  # processors that take a list of images per prompt
+
+
 def prompt_batch(processor, samples: list[Sample]) -> dict:
     """Processor inputs (torch) for ``samples``, left-padded so the last position is every row's last prompt
     token, each prompt in the chat template with its own image."""
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
+    images = [s.load_image() for s in samples]
+    if type(processor).__name__ in NESTED_IMAGES:
+        images = [[image] for image in images]
     try:
         return dict(
             processor(
-                images=[s.load_image() for s in samples],
+                images=images,
                 text=[format_prompt(processor, s.prompt) for s in samples],
                 return_tensors="pt",
                 padding=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -13,8 +14,16 @@ from typing import Any
 from .errors import ShortVError
 
 # What this tool converts (shortv_export.models maps each to its ShortV classes; kept here, import-light).
-SUPPORTED = ("llava", "llava_next")
-SUPPORTED_TEXT = ("llama", "mistral", "qwen2")
+SUPPORTED = {
+    "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM",
+}
+SUPPORTED_TEXT = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
 # What a conversion needs from a Hub repo: configs, tokenizer/processor files, chat template, safetensors.
 PROCESSOR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md"]
 HUB_PATTERNS = [*PROCESSOR_PATTERNS, "*.safetensors"]
@@ -92,13 +101,74 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
 
 
 def load_processor(path: str | Path):
-    """The checkpoint's processor (image processor, tokenizer, chat template), or a one-line ShortVError."""
+    """The checkpoint's processor (image processor, tokenizer, chat template), or a one-line ShortVError.
+
+    Processors with a video processor (Qwen2-VL, LLaVA-OneVision, SmolVLM) need torchvision to load; without it,
+    the same processor class is built without its video processor (images only, all calibration needs)."""
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(path)
     except Exception as err:  # transformers raises many types here
+        if importlib.util.find_spec("torchvision") is None:
+            try:
+                return image_only_processor(path)
+            except Exception:
+                pass
         raise ShortVError(f"the processor in {path} does not load: {_short(err)}") from None
+
+
+def image_only_processor(path: str | Path, processor_class: str | None = None):
+    """The checkpoint's processor class without its video processor: image processor, tokenizer, chat template
+    and the processor's own settings from ``processor_config.json``."""
+    import inspect
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    path = Path(path)
+    settings_file = path / "processor_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    name = processor_class or settings.get("processor_class")
+    if name is None:
+        raise ValueError(f"{path}: no processor_class")
+    base = getattr(transformers, name)
+    accepted = set(inspect.signature(base.__init__).parameters) - {
+        "self",
+        "image_processor",
+        "tokenizer",
+        "video_processor",
+    }
+    kwargs = {k: v for k, v in settings.items() if k in accepted and not isinstance(v, dict)}
+    template = path / "chat_template.jinja"
+    if template.is_file():
+        kwargs["chat_template"] = template.read_text()
+    processor_class = image_only_processor_class(name)
+    return processor_class(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path), **kwargs)
+
+
+def image_only_processor_class(name: str) -> type:
+    """transformers' processor class ``name`` with no video processor argument. It saves as ``name`` (the
+    ``processor_class`` a machine with torchvision loads with AutoProcessor)."""
+    import inspect
+    from types import SimpleNamespace
+
+    import transformers
+
+    base = getattr(transformers, name)
+
+    class ImageOnly(base):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            base.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            if name == "SmolVLMProcessor":  # its chat template reads the video sampling defaults
+                self.video_processor = SimpleNamespace(num_frames=None, fps=None)
+
+    # the base's signature without video_processor: what the processor saves and which sub-processors it has
+    signature = inspect.signature(base.__init__)
+    params = [p for p in signature.parameters.values() if p.name != "video_processor"]
+    ImageOnly.__init__.__signature__ = signature.replace(parameters=params)
+    ImageOnly.__name__ = ImageOnly.__qualname__ = name
+    return ImageOnly
 
 
 def _looks_local(model: str) -> bool:
@@ -123,7 +193,7 @@ def _nearby(path: Path) -> str:
 
 def check_supported(source: Source, files: list[str]) -> None:
     model_type = source.config.get("model_type")
-    if model_type in ("shortv_llava", "shortv_llava_next"):
+    if str(model_type).startswith("shortv_"):
         raise ShortVError(
             f"{source.model_id} is already a ShortV checkpoint "
             f"(shortv_layers={source.config.get('shortv_layers')}); convert its base model instead"
@@ -131,10 +201,9 @@ def check_supported(source: Source, files: list[str]) -> None:
     if model_type not in SUPPORTED:
         raise ShortVError(
             f"{source.model_id}: unsupported architecture {model_type!r}; "
-            f"shortv-export supports {', '.join(SUPPORTED)} (LLaVA-1.5 and LLaVA-NeXT)"
+            f"shortv-export supports {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}"
         )
-    text = source.config.get("text_config") or {}
-    text_type = text.get("model_type", "llama")
+    text_type = source.hf_config.text_config.model_type
     if text_type not in SUPPORTED_TEXT:
         raise ShortVError(
             f"{source.model_id}: unsupported language model {text_type!r}; supported: {', '.join(SUPPORTED_TEXT)}"

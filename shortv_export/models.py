@@ -4,46 +4,89 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .compat import tested_range
-from .modeling import modeling_shortv_llava
-from .modeling.configuration_shortv_llava import ShortVLlavaConfig, ShortVLlavaNextConfig
-from .modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration, ShortVLlavaNextForConditionalGeneration
+from .modeling import configuration_shortv as configs
+from .modeling import modeling_shortv_idefics3, modeling_shortv_llava, modeling_shortv_qwen2_vl
 
-SUPPORTED = {  # base model_type -> (ShortV model_type, config class, model class)
-    "llava": ("shortv_llava", ShortVLlavaConfig, ShortVLlavaForConditionalGeneration),
-    "llava_next": ("shortv_llava_next", ShortVLlavaNextConfig, ShortVLlavaNextForConditionalGeneration),
+
+class Family(NamedTuple):
+    model_type: str  # the ShortV checkpoint's model_type
+    config_cls: type
+    model_cls: type
+    modeling_file: str  # the family's model file, copied next to modeling_shortv.py
+
+
+def _family(model_type, config_cls, model_cls) -> Family:
+    return Family(model_type, config_cls, model_cls, Path(model_cls.__module__.replace(".", "/")).name + ".py")
+
+
+SUPPORTED = {  # base model_type -> its ShortV family
+    "llava": _family(
+        "shortv_llava", configs.ShortVLlavaConfig, modeling_shortv_llava.ShortVLlavaForConditionalGeneration
+    ),
+    "llava_next": _family(
+        "shortv_llava_next",
+        configs.ShortVLlavaNextConfig,
+        modeling_shortv_llava.ShortVLlavaNextForConditionalGeneration,
+    ),
+    "llava_onevision": _family(
+        "shortv_llava_onevision",
+        configs.ShortVLlavaOnevisionConfig,
+        modeling_shortv_llava.ShortVLlavaOnevisionForConditionalGeneration,
+    ),
+    "qwen2_vl": _family(
+        "shortv_qwen2_vl", configs.ShortVQwen2VLConfig, modeling_shortv_qwen2_vl.ShortVQwen2VLForConditionalGeneration
+    ),
+    "qwen2_5_vl": _family(
+        "shortv_qwen2_5_vl",
+        configs.ShortVQwen2_5_VLConfig,
+        modeling_shortv_qwen2_vl.ShortVQwen2_5_VLForConditionalGeneration,
+    ),
+    "idefics3": _family(
+        "shortv_idefics3", configs.ShortVIdefics3Config, modeling_shortv_idefics3.ShortVIdefics3ForConditionalGeneration
+    ),
+    "smolvlm": _family(
+        "shortv_smolvlm", configs.ShortVSmolVLMConfig, modeling_shortv_idefics3.ShortVSmolVLMForConditionalGeneration
+    ),
 }
-MODELING_FILES = ("configuration_shortv_llava.py", "modeling_shortv_llava.py")
+SHARED_FILES = ("configuration_shortv.py", "modeling_shortv.py")
+ALL_MODELING_FILES = (*SHARED_FILES, *sorted({f.modeling_file for f in SUPPORTED.values()}))
 MODELING_DIR = Path(modeling_shortv_llava.__file__).resolve().parent  # the repo's modeling/, installed
 
 
+def modeling_files(base_type: str) -> tuple[str, ...]:
+    """The model files a checkpoint of ``base_type`` carries: the shared two and its family's."""
+    return (*SHARED_FILES, SUPPORTED[base_type].modeling_file)
+
+
 def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any]:
-    """The ``config.json`` of a ShortV checkpoint made from a base LLaVA ``config.json`` dict."""
+    """The ``config.json`` of a ShortV checkpoint made from a base model's ``config.json`` dict."""
     base_type = base.get("model_type")
     if base_type not in SUPPORTED:
-        raise ValueError(f"not a LLaVA config: model_type {base_type!r}")
-    model_type, config_cls, model_cls = SUPPORTED[base_type]
+        raise ValueError(f"unsupported model_type {base_type!r}; supported: {', '.join(SUPPORTED)}")
+    family = SUPPORTED[base_type]
     config = dict(
-        base, model_type=model_type, shortv_layers=[int(i) for i in layers], shortv_transformers=tested_range()
+        base, model_type=family.model_type, shortv_layers=[int(i) for i in layers], shortv_transformers=tested_range()
     )
-    config["architectures"] = [model_cls.__name__]
+    config["architectures"] = [family.model_cls.__name__]
+    module = family.modeling_file.removesuffix(".py")
     config["auto_map"] = {
-        "AutoConfig": f"configuration_shortv_llava.{config_cls.__name__}",
-        "AutoModel": f"modeling_shortv_llava.{model_cls.__name__}",
-        "AutoModelForImageTextToText": f"modeling_shortv_llava.{model_cls.__name__}",
+        "AutoConfig": f"configuration_shortv.{family.config_cls.__name__}",
+        "AutoModel": f"{module}.{family.model_cls.__name__}",
+        "AutoModelForImageTextToText": f"{module}.{family.model_cls.__name__}",
     }
     config.pop("_name_or_path", None)
     return config
 
 
 def load_shortv(base_dir: str | Path, layers: list[int], **kwargs):
-    """Load a base LLaVA folder as an in-process ShortV model freezing ``layers`` (weights as they are)."""
+    """Load a base model folder as an in-process ShortV model freezing ``layers`` (weights as they are)."""
     base = json.loads((Path(base_dir) / "config.json").read_text())
     config_dict = shortv_config_dict(base, layers)
-    _, config_cls, model_cls = SUPPORTED[base["model_type"]]
-    config = config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
+    family = SUPPORTED[base["model_type"]]
+    config = family.config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
     if "attn_implementation" in kwargs:
         config._attn_implementation = kwargs["attn_implementation"]
-    return model_cls.from_pretrained(base_dir, config=config, **kwargs)
+    return family.model_cls.from_pretrained(base_dir, config=config, **kwargs)

@@ -84,7 +84,7 @@ class _Decoder(nn.Module):
     def __init__(self, model):
         super().__init__()
         from .compat import cache_kwarg
-        from .modeling.modeling_shortv_llava import attention_types
+        from .modeling.modeling_shortv import attention_types
 
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -101,7 +101,7 @@ class _Decoder(nn.Module):
         from transformers import DynamicCache
 
         from .compat import output_cache
-        from .modeling.modeling_shortv_llava import text_rows_inputs
+        from .modeling.modeling_shortv import text_rows_inputs
 
         cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         seq = inputs_embeds.shape[1]
@@ -172,10 +172,10 @@ def export_onnx(
     if dtype not in ONNX_DTYPES:
         raise ShortVError(f"--onnx-dtype {dtype}: choose one of {', '.join(ONNX_DTYPES)}")
     config_dict = json.loads((checkpoint / "config.json").read_text())
-    kind = {v[0]: k for k, v in SUPPORTED.items()}.get(config_dict.get("model_type"))
+    kind = {v.model_type: k for k, v in SUPPORTED.items()}.get(config_dict.get("model_type"))
     if kind is None:
         raise ShortVError(f"{checkpoint} is not a ShortV checkpoint (model_type {config_dict.get('model_type')!r})")
-    _, config_cls, model_cls = SUPPORTED[kind]
+    config_cls, model_cls = SUPPORTED[kind].config_cls, SUPPORTED[kind].model_cls
     config = config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
     # Weights read tensor by tensor and converted to the ONNX dtype: one copy in memory, never the memory-mapped
     # checkpoint beside it (from_pretrained's mmap keeps every page it reads resident until it is done).

@@ -1,9 +1,12 @@
-"""Tiny, randomly initialised LLaVA / LLaVA-NeXT checkpoints built offline.
+"""Tiny, randomly initialised checkpoints of every supported family, built offline.
 
-They have the real architecture (CLIP vision tower, projector, a Llama, Mistral or Qwen2 decoder with grouped-query
-attention; the ``*_sliding`` text kinds use a 6-token sliding window, shorter than every test prompt),
-a real processor (image processor + word-level tokenizer + chat template) and are saved with
-``save_pretrained``, so they exercise the same loading code as a llava-hf checkpoint from the Hub.
+LLaVA / LLaVA-NeXT have the real architecture (CLIP vision tower, projector, a Llama, Mistral or Qwen2 decoder
+with grouped-query attention; the ``*_sliding`` text kinds use a 6-token sliding window, shorter than every test
+prompt). LLaVA-OneVision (SigLIP, anyres-max, Qwen2), Qwen2-VL / Qwen2.5-VL (their own vision towers, M-RoPE,
+q/k/v biases) and Idefics3 / SmolVLM (SigLIP-like tower, pixel-shuffle connector, image splitting, Llama) are
+built from their stock configs at toy sizes. Each has a real processor (the family's image processor and
+processor class, a word-level tokenizer with the family's special tokens, a chat template in the family's
+format) and is saved with ``save_pretrained``, so it exercises the same loading code as a Hub checkpoint.
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer():
+def make_tokenizer(specials: tuple[str, ...] = ()):
+    """A word-level tokenizer over the calibration prompts' words, with the family's ``specials`` added."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(_SPECIALS + sorted({w.lower() for w in _WORDS}))}
+    words = sorted({w.lower() for w in (*_WORDS, "user", "assistant", "system")})
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + list(specials) + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
@@ -44,7 +49,7 @@ def make_tokenizer():
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        additional_special_tokens=["<image>"],
+        additional_special_tokens=["<image>", *specials],
         padding_side="left",
     )
 
@@ -61,6 +66,12 @@ FAMILIES = (
     ("llava", "qwen2_sliding"),
     ("llava_next", "mistral_sliding"),
     ("llava_next", "qwen2_sliding"),
+    # the other families, each with its own text model (text: the decoder layer's kind)
+    ("llava_onevision", "qwen2"),
+    ("qwen2_vl", "qwen2"),
+    ("qwen2_5_vl", "qwen2"),
+    ("idefics3", "llama"),
+    ("smolvlm", "llama"),
 )
 
 
@@ -169,7 +180,229 @@ def build_tiny(
 def save_tiny(path: str | Path, kind: str = "llava", **kwargs) -> Path:
     """Build a tiny checkpoint and save it like a Hub repo (safetensors, processor, chat template)."""
     path = Path(path)
-    model, processor = build_tiny(kind, **kwargs)
+    model, processor = build_family(kind, **kwargs) if kind in NEW_FAMILIES else build_tiny(kind, **kwargs)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# The families beyond LLaVA / LLaVA-NeXT: their placeholder tokens and chat formats.
+_QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_IDEFICS3_SPECIALS = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+_IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+
+
+def build_family(
+    kind: str,
+    num_layers: int = 6,
+    seed: int = 0,
+    hidden: int = 64,
+    init_std: float = 0.1,
+    kv_heads: int = 2,
+    text: str | None = None,
+):
+    """``(model, processor)`` for a tiny random checkpoint of ``kind`` (one of NEW_FAMILIES): 4 attention heads,
+    ``kv_heads`` key/value heads, images of a few to a few dozen visual tokens."""
+    import transformers
+
+    if text not in (None, "llama" if kind in ("idefics3", "smolvlm") else "qwen2"):
+        raise ValueError(f"{kind} has its own text model, not {text!r}")
+    specials = {
+        "qwen2_vl": _QWEN_SPECIALS,
+        "qwen2_5_vl": _QWEN_SPECIALS,
+        "llava_onevision": ("<video>", *_QWEN_SPECIALS[:2]),
+    }
+    tokenizer = make_tokenizer(specials.get(kind, _IDEFICS3_SPECIALS))
+    token = tokenizer.convert_tokens_to_ids
+    text = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_std,
+    )
+    torch.manual_seed(seed)
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        head_dim = hidden // 4
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope(head_dim)}
+        vision = dict(depth=2, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2)
+        if kind == "qwen2_vl":
+            vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
+        else:
+            vision.update(
+                hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=28, fullatt_block_indexes=[1]
+            )
+        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
+        if kind == "qwen2_5_vl":
+            names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+        config = getattr(transformers, names[0])(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=token("<|image_pad|>"),
+            video_token_id=token("<|video_pad|>"),
+            vision_start_token_id=token("<|vision_start|>"),
+            vision_end_token_id=token("<|vision_end|>"),
+            **_special_ids(tokenizer),
+        )
+        model = getattr(transformers, names[1])(config)
+        image_processor = _image_processor(
+            "Qwen2VLImageProcessor",
+            size={"shortest_edge": 4 * 14 * 14, "longest_edge": 16 * 14 * 14},
+            patch_size=7,
+            merge_size=2,
+            temporal_patch_size=2,
+        )
+        processor = _image_only(names[2], image_processor, tokenizer, _QWEN_TEMPLATE)
+    elif kind == "llava_onevision":
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+            vision_use_head=False,
+        )
+        pinpoints = [[28, 56], [56, 28], [56, 56]]
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=transformers.Qwen2Config(**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_id=token("<video>"),
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+            image_grid_pinpoints=pinpoints,
+            **_special_ids(tokenizer),
+        )
+        model = transformers.LlavaOnevisionForConditionalGeneration(config)
+        image_processor = _image_processor(
+            "LlavaOnevisionImageProcessor",
+            size={"height": 28, "width": 28},
+            image_grid_pinpoints=pinpoints,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        processor = _image_only(
+            "LlavaOnevisionProcessor",
+            image_processor,
+            tokenizer,
+            _ONEVISION_TEMPLATE,
+            num_image_tokens=16,
+            vision_feature_select_strategy="full",
+            image_token="<image>",
+            video_token="<video>",
+        )
+    elif kind in ("idefics3", "smolvlm"):
+        prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+        )
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config=vision,
+            text_config=text,
+            scale_factor=2,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            **_special_ids(tokenizer),
+        )
+        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+        image_processor = _image_processor(
+            f"{prefix}ImageProcessor",
+            size={"longest_edge": 56},
+            max_image_size={"longest_edge": 28},
+            do_image_splitting=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+        extra = {} if kind == "idefics3" else {"video_processor": None}
+        processor = _image_only(
+            f"{prefix}Processor", image_processor, tokenizer, _IDEFICS3_TEMPLATE, image_seq_len=4, **extra
+        )
+    else:
+        raise ValueError(f"kind must be one of {', '.join(('llava', 'llava_next', *NEW_FAMILIES))}, got {kind!r}")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), processor
+
+
+def _mrope(head_dim: int) -> list[int]:
+    """M-RoPE sections (temporal, height, width) over head_dim / 2 frequencies, in Qwen2-VL's 2:3:3 proportion."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _special_ids(tokenizer) -> dict:
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _image_processor(name: str, **kwargs):
+    """The family's image processor; the PIL one where torchvision (the default backend) is missing."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None:
+        pil = getattr(transformers, name.replace("ImageProcessor", "ImageProcessorPil"), None)
+        if pil is not None:
+            return pil(**kwargs)
+    return getattr(transformers, name)(**kwargs)
+
+
+def _image_only(name: str, image_processor, tokenizer, chat_template: str, **kwargs):
+    """The family's processor; without torchvision, the same class without its video processor (see
+    ``load.image_only_processor``), which saves the same files."""
+    import importlib.util
+
+    import transformers
+
+    kwargs.pop("video_processor", None)
+    if importlib.util.find_spec("torchvision") is not None:
+        return getattr(transformers, name)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+        )
+    if name == "Idefics3Processor":  # no video processor
+        return transformers.Idefics3Processor(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+    from .load import image_only_processor_class
+
+    return image_only_processor_class(name)(image_processor, tokenizer, chat_template=chat_template, **kwargs)

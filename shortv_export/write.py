@@ -19,10 +19,10 @@ from pathlib import Path
 
 from .errors import ShortVError
 from .load import PICKLE_SUFFIXES, Source
-from .models import MODELING_DIR, MODELING_FILES, SUPPORTED, shortv_config_dict
+from .models import ALL_MODELING_FILES, MODELING_DIR, SUPPORTED, modeling_files, shortv_config_dict
 
 # Written by us, never copied from the base folder.
-OWN_FILES = {"config.json", "README.md", "lc.json", "lc.png", *MODELING_FILES}
+OWN_FILES = {"config.json", "README.md", "lc.json", "lc.png", *ALL_MODELING_FILES}
 _PARTIAL = ".partial-"
 
 
@@ -39,7 +39,8 @@ def plan_files(source: Source, extra: dict[str, bytes | None] | None = None) -> 
     content not known yet). Weights a Hub source has not downloaded yet (a dry run) are listed by name."""
     plan = [PlannedFile("config.json", None, None, "new")]
     plan += [
-        PlannedFile(name, MODELING_DIR / name, (MODELING_DIR / name).stat().st_size, "copy") for name in MODELING_FILES
+        PlannedFile(name, MODELING_DIR / name, (MODELING_DIR / name).stat().st_size, "copy")
+        for name in modeling_files(source.kind)
     ]
     plan += [
         PlannedFile(name, None, None if data is None else len(data), "new") for name, data in (extra or {}).items()
@@ -108,7 +109,7 @@ def write_checkpoint(
     out = Path(out).resolve()
     check_output(out, overwrite, source)
     config = shortv_config_dict(source.config, layers)
-    _, config_cls, _ = SUPPORTED[source.kind]
+    config_cls = SUPPORTED[source.kind].config_cls
     try:  # the config must load with our class before anything is written
         config_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})
     except (ValueError, TypeError) as err:

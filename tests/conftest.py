@@ -10,7 +10,7 @@ from PIL import Image
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
-from shortv_export.tiny import save_tiny  # noqa: E402
+from shortv_export.tiny import NEW_FAMILIES, save_tiny  # noqa: E402
 
 _ROOT: Path | None = None
 
@@ -24,9 +24,12 @@ def _tiny_root(tmp_path_factory):
 
 @cache
 def tiny_dir(kind: str, num_layers: int = 6, text: str = "llama", kv_heads: int = 2) -> Path:
-    """A tiny random checkpoint folder of ``kind`` ('llava' or 'llava_next') with text model ``text`` (one of
-    ``tiny.TEXT_KINDS``) and ``kv_heads`` key/value heads (of 4), saved once per session."""
+    """A tiny random checkpoint folder of ``kind`` ('llava', 'llava_next' or one of ``tiny.NEW_FAMILIES``) with
+    text model ``text`` (one of ``tiny.TEXT_KINDS``; the new families' own) and ``kv_heads`` key/value heads (of
+    4), saved once per session."""
     name = f"{kind}-{text}-{num_layers}" + ("" if kv_heads == 2 else f"-kv{kv_heads}")
+    if kind in NEW_FAMILIES:
+        text = None if text in ("llama", "qwen2") else text
     return save_tiny(_ROOT / name, kind, num_layers=num_layers, text=text, kv_heads=kv_heads)
 
 
@@ -44,5 +47,11 @@ def batch(processor, rows: list[tuple[str, list[Image.Image]]], padding_side: st
     """Processor inputs for rows of (question, images); rows may have zero, one or several images."""
     processor.tokenizer.padding_side = padding_side
     texts = [prompt(processor, q, len(imgs)) for q, imgs in rows]
-    images = [img for _, imgs in rows for img in imgs] or None
+    if type(processor).__name__ in NESTED_IMAGES:  # images listed per row
+        images = [imgs for _, imgs in rows] if any(imgs for _, imgs in rows) else None
+    else:
+        images = [img for _, imgs in rows for img in imgs] or None
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+NESTED_IMAGES = ("Idefics3Processor", "SmolVLMProcessor")

@@ -12,10 +12,14 @@ import torch
 
 @contextlib.contextmanager
 def oracle_hooks(stock_model, frozen_layers, image_token_id: int, frozen_ids: list[int] | None = None):
-    """Make a stock LLaVA / LLaVA-NeXT model behave like ShortV with ``frozen_layers`` while inside.
+    """Make a stock model of a supported family behave like ShortV with ``frozen_layers`` while inside.
 
-    ``frozen_ids``: token ids whose rows freeze (default: the image token)."""
-    ids = torch.tensor(frozen_ids if frozen_ids is not None else [image_token_id])
+    ``frozen_ids``: token ids whose rows freeze (default: the image token, and the video token where the model
+    has one)."""
+    if frozen_ids is None:
+        video = getattr(stock_model.config, "video_token_id", None)
+        frozen_ids = [image_token_id] + ([video] if video is not None else [])
+    ids = torch.tensor(frozen_ids)
     state = {"rows": None}
     base = stock_model.model
 
@@ -38,7 +42,7 @@ def oracle_hooks(stock_model, frozen_layers, image_token_id: int, frozen_ids: li
         return torch.where(rows.unsqueeze(-1), hidden_in, output)
 
     handles = [base.register_forward_pre_hook(capture, with_kwargs=True)]
-    layers = base.language_model.layers
+    layers = (base.language_model if "language_model" in base._modules else base.text_model).layers
     # prepend: reset before transformers' own hooks record the layer output as a hidden state
     handles += [layers[i].register_forward_hook(reset, with_kwargs=True, prepend=True) for i in frozen_layers]
     try:

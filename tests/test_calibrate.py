@@ -12,11 +12,19 @@ from click.testing import CliRunner
 from conftest import image, tiny_dir
 from oracle import oracle_hooks
 
-from shortv_export.calibrate import _kl, calibrate, load_model
+from shortv_export.calibrate import _kl, calibrate, load_model, text_model, visual_token_ids
 from shortv_export.cli import main
-from shortv_export.data import CAPTION_PROMPT, FALLBACK_TEMPLATE, Sample, format_prompt, load_calibration
+from shortv_export.data import (
+    CAPTION_PROMPT,
+    FALLBACK_TEMPLATE,
+    Sample,
+    format_prompt,
+    load_calibration,
+    prompt_batch,
+)
 from shortv_export.errors import ShortVError
 from shortv_export.load import resolve_model
+from shortv_export.tiny import FAMILIES, NEW_FAMILIES
 
 LAYERS = 12
 
@@ -29,17 +37,18 @@ def model_and_processor(kind: str, dtype: str = "fp64", text: str = "llama"):
 def brute_force_lc(model, processor, samples, rows: str = "visual") -> tuple[list[float], int]:
     """One full forward of the stock model per sample and layer, the layer frozen by the oracle; no reuse."""
     image_token = model.config.image_token_id
+    visual_ids = visual_token_ids(model.config)
     vocab = processor.tokenizer.get_vocab()
-    frozen_ids = [image_token] if rows == "visual" else [i for i in vocab.values() if i != image_token]
+    frozen_ids = visual_ids if rows == "visual" else [i for i in vocab.values() if i not in visual_ids]
     forwards = [0]
     hooks = [
         layer.register_forward_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
-        for layer in model.model.language_model.layers
+        for layer in text_model(model).layers
     ]
     total = torch.zeros(LAYERS, dtype=torch.float64)
     with torch.no_grad():
         for s in samples:
-            inputs = processor(images=[s.load_image()], text=[format_prompt(processor, s.prompt)], return_tensors="pt")
+            inputs = prompt_batch(processor, [s])
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
             original = torch.log_softmax(model(**inputs).logits[:, -1].double(), -1)
             for layer in range(LAYERS):
@@ -59,7 +68,9 @@ def close(a: list[float], b: list[float], rel: float = 1e-4) -> bool:
 
 
 @pytest.mark.parametrize(
-    "kind,text", [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
+    "kind,text",
+    [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
+    + [(kind, text) for kind, text in FAMILIES if kind in NEW_FAMILIES],
 )
 def test_lc_equals_brute_force_and_costs_at_most_055(kind, text):
     model, processor = model_and_processor(kind, text=text)
@@ -75,7 +86,7 @@ def test_lc_equals_brute_force_and_costs_at_most_055(kind, text):
     counted = [0]
     hooks = [
         layer.register_forward_hook(lambda *a: counted.__setitem__(0, counted[0] + 1))
-        for layer in model.model.language_model.layers
+        for layer in text_model(model).layers
     ]
     fast = calibrate(model, processor, calib, modality="visual", batch_size=1, progress=False)
     for h in hooks:

@@ -55,7 +55,7 @@ def test_output_folder_holds_config_code_and_unchanged_weights(kind, tmp_path):
     assert config["architectures"] == [model_class]
     assert config["auto_map"]["AutoModel"] == config["auto_map"]["AutoModelForImageTextToText"]
     assert config["auto_map"]["AutoModel"] == f"modeling_shortv_llava.{model_class}"
-    assert config["auto_map"]["AutoConfig"].startswith("configuration_shortv_llava.")
+    assert config["auto_map"]["AutoConfig"].startswith("configuration_shortv.")
     assert config["shortv_transformers"] == {
         "tested": [TESTED_TRANSFORMERS[0], max(TESTED_TRANSFORMERS[1], transformers.__version__, key=version_key)],
         "converted_with": transformers.__version__,
@@ -65,7 +65,7 @@ def test_output_folder_holds_config_code_and_unchanged_weights(kind, tmp_path):
     assert {k: v for k, v in config.items() if k not in ours} == {
         k: v for k, v in base_config.items() if k not in ("model_type", "architectures", "_name_or_path")
     }
-    for name in ("configuration_shortv_llava.py", "modeling_shortv_llava.py"):
+    for name in ("configuration_shortv.py", "modeling_shortv.py", "modeling_shortv_llava.py"):
         assert (out / name).read_bytes() == (Path(__file__).parents[1] / "modeling" / name).read_bytes()
     for name in (
         "model.safetensors",

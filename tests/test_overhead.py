@@ -35,6 +35,8 @@ ROWS = {
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])
 @pytest.mark.parametrize("rows", [1, 2])
 def test_a_frozen_layer_dispatches_at_most_4_more_operations_than_a_stock_layer(kind, rows):
+    """The first frozen layer also gathers the text rows' cos/sin from the text model's, once per forward
+    (at most 12 operations): every later frozen layer reuses them."""
     model, processor = model_and_processor(kind)
     inputs = batch(processor, ROWS[rows], "left")
     vanilla, shortv = dispatched(model, inputs, []), dispatched(model, inputs, FROZEN)
@@ -42,7 +44,10 @@ def test_a_frozen_layer_dispatches_at_most_4_more_operations_than_a_stock_layer(
     assert all(vanilla.per_layer[i] == stock_layer for i in FROZEN)
     for i in range(len(model.model.language_model.layers)):
         extra = shortv.per_layer[i] - stock_layer
-        assert extra <= 4 if i in FROZEN else extra == 0, (i, shortv.per_layer[i], stock_layer)
+        if i == min(FROZEN):
+            assert extra <= 4 + 12, (i, shortv.per_layer[i], stock_layer)
+        else:
+            assert extra <= 4 if i in FROZEN else extra == 0, (i, shortv.per_layer[i], stock_layer)
 
 
 @pytest.mark.parametrize("kind", ["llava", "llava_next"])

@@ -1,0 +1,82 @@
+"""Configurations of ShortV checkpoints: the base model's configuration plus two fields.
+
+ShortV (Yuan et al., 2025, arXiv 2504.00502) freezes visual tokens in the decoder layers listed in
+``shortv_layers``: there, only text tokens are queries and go through the MLP, while visual tokens keep
+their hidden state. ``shortv_transformers`` records the transformers versions the checkpoint was tested with
+(``{"tested": [lowest, highest], "converted_with": version}``); the model warns when it runs on another. Everything
+else is the stock configuration of the family (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3,
+SmolVLM).
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import (
+    Idefics3Config,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    Qwen2_5_VLConfig,
+    Qwen2VLConfig,
+    SmolVLMConfig,
+)
+
+
+class ShortVConfigMixin:
+    """``shortv_layers``: ids of the decoder layers that freeze visual tokens, checked against the text model."""
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        layers = list(self.shortv_layers or [])
+        n_layers = self.text_config.num_hidden_layers
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"shortv_layers must be distinct layer ids in [0, {n_layers}), got {layers}")
+        self.shortv_layers = layers
+
+
+@strict
+class ShortVLlavaConfig(ShortVConfigMixin, LlavaConfig):
+    model_type = "shortv_llava"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVLlavaNextConfig(ShortVConfigMixin, LlavaNextConfig):
+    model_type = "shortv_llava_next"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVLlavaOnevisionConfig(ShortVConfigMixin, LlavaOnevisionConfig):
+    model_type = "shortv_llava_onevision"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVQwen2VLConfig(ShortVConfigMixin, Qwen2VLConfig):
+    model_type = "shortv_qwen2_vl"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVQwen2_5_VLConfig(ShortVConfigMixin, Qwen2_5_VLConfig):
+    model_type = "shortv_qwen2_5_vl"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVIdefics3Config(ShortVConfigMixin, Idefics3Config):
+    model_type = "shortv_idefics3"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVSmolVLMConfig(ShortVConfigMixin, SmolVLMConfig):
+    model_type = "shortv_smolvlm"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None

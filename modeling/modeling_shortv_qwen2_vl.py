@@ -1,0 +1,89 @@
+"""ShortV for Qwen2-VL and Qwen2.5-VL (Yuan et al., 2025, arXiv 2504.00502).
+
+The frozen decoder layer and the plumbing are in ``modeling_shortv.py``; this file names the visual rows and
+encodes images and videos as the stock ``forward`` does.
+
+Visual rows: the positions of ``config.image_token_id`` (``<|image_pad|>``) and ``config.video_token_id``
+(``<|video_pad|>``); the ``<|vision_start|>`` / ``<|vision_end|>`` markers around them are text. Positions are
+multimodal RoPE (3-D ids from ``get_rope_index``), computed by the stock model as usual: a frozen layer
+rotates its text queries with the cos/sin the text model made for those rows, and builds its masks from the
+text positions. q/k/v projections have biases; nothing else differs from a Qwen2 layer.
+"""
+
+from torch import nn
+from transformers import (
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLModel,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLModel,
+)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
+
+from .configuration_shortv import ShortVQwen2_5_VLConfig, ShortVQwen2VLConfig
+from .modeling_shortv import ShortVModelMixin, _flags, mirror_weight_renames
+
+
+class ShortVQwen2VLModelMixin(ShortVModelMixin):
+    visual_token_keys = ("image_token_id", "video_token_id")
+    pixel_keys = ("pixel_values", "pixel_values_videos")
+
+    def encode(self, inputs: dict) -> dict:
+        encoded = {}
+        if inputs.get("pixel_values") is not None:
+            encoded["image"] = self.get_image_features(
+                inputs["pixel_values"], inputs.get("image_grid_thw"), return_dict=True, **_flags(inputs)
+            )
+        if inputs.get("pixel_values_videos") is not None:
+            encoded["video"] = self.get_video_features(
+                inputs["pixel_values_videos"], inputs.get("video_grid_thw"), return_dict=True, **_flags(inputs)
+            )
+        return encoded
+
+
+class ShortVQwen2VLModel(ShortVQwen2VLModelMixin, Qwen2VLModel):
+    config_class = ShortVQwen2VLConfig
+
+    def __init__(self, config: ShortVQwen2VLConfig):
+        super().__init__(config)
+        self._shortv_init()
+
+
+class ShortVQwen2_5_VLModel(ShortVQwen2VLModelMixin, Qwen2_5_VLModel):
+    config_class = ShortVQwen2_5_VLConfig
+
+    def __init__(self, config: ShortVQwen2_5_VLConfig):
+        super().__init__(config)
+        self._shortv_init()
+
+
+class ShortVQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """Qwen2-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
+
+    config_class = ShortVQwen2VLConfig
+
+    def __init__(self, config: ShortVQwen2VLConfig):
+        Qwen2VLPreTrainedModel.__init__(self, config)  # the stock __init__ would build a stock Qwen2VLModel
+        self.model = ShortVQwen2VLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+class ShortVQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
+
+    config_class = ShortVQwen2_5_VLConfig
+
+    def __init__(self, config: ShortVQwen2_5_VLConfig):
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.model = ShortVQwen2_5_VLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+# Qwen/Qwen2-VL-* checkpoints store the pre-v5 weight names that transformers renames on load for these classes.
+mirror_weight_renames(
+    (f"ShortV{family}{suffix}", f"{family}{suffix}")
+    for family in ("Qwen2VL", "Qwen2_5_VL")
+    for suffix in ("Model", "ForConditionalGeneration")
+)
