@@ -1,6 +1,10 @@
-"""The README's prefill FLOPs table: vanilla vs ShortV with the published layer lists (method.md section 4).
+"""The README's prefill FLOPs tables: vanilla vs ShortV with the published layer lists (method.md section 4),
+and for the other supported families at N = 60% of the layers (the paper's share).
 
 python scripts/flops_table.py [--text-tokens 64]
+
+The other families' language-model shapes are their Hub config.json text_config values, entered by hand (no
+download, no weights): check one against `shortv-export REPO --dry-run`, which reads the real config.
 """
 
 from __future__ import annotations
@@ -24,6 +28,31 @@ MODELS = [  # (Hub id, language model shape, visual tokens of one image)
 ]
 
 
+def _shape(hidden, ffn, heads, kv_heads, layers):
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "num_hidden_layers": layers,
+    }
+
+
+QWEN2_7B = _shape(3584, 18944, 28, 4, 28)
+OTHER_FAMILIES = [  # (Hub id, language model shape, visual tokens of one typical image, how)
+    ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", _shape(896, 4864, 14, 2, 24), 5 * 729, "base + 2x2 tiles of 729"),
+    ("llava-hf/llava-onevision-qwen2-7b-ov-hf", QWEN2_7B, 5 * 729, "base + 2x2 tiles of 729"),
+    ("Qwen/Qwen2-VL-2B-Instruct", _shape(1536, 8960, 12, 2, 28), 256, "448x448"),
+    ("Qwen/Qwen2-VL-7B-Instruct", QWEN2_7B, 256, "448x448"),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", _shape(2048, 11008, 16, 2, 36), 256, "448x448"),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", QWEN2_7B, 256, "448x448"),
+    ("HuggingFaceM4/Idefics3-8B-Llama3", _shape(4096, 14336, 32, 8, 32), 5 * 169, "2x2 split + global, 169 each"),
+    ("HuggingFaceTB/SmolVLM-256M-Instruct", _shape(576, 1536, 9, 3, 30), 5 * 64, "2x2 split + global, 64 each"),
+    ("HuggingFaceTB/SmolVLM-500M-Instruct", _shape(960, 2560, 15, 5, 32), 5 * 64, "2x2 split + global, 64 each"),
+    ("HuggingFaceTB/SmolVLM-Instruct", _shape(2048, 8192, 32, 32, 24), 5 * 81, "2x2 split + global, 81 each"),
+]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--text-tokens", type=int, default=64)
@@ -37,6 +66,19 @@ def main(argv=None):
             f"| {repo_id.split('/')[1]} | {n_visual} + {args.text_tokens} | {len(layers)} / "
             f"{shape['num_hidden_layers']} | {f['vanilla_tflops']:.2f} | {f['shortv_tflops']:.2f} | "
             f"{f['ratio']:.3f} | {f['ideal_speedup']:.2f}x |"
+        )
+    print()
+    print(
+        "| model | visual tokens (one image) + text | frozen (60%) | vanilla TFLOPs | ShortV TFLOPs | ratio | ideal speed-up |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for repo_id, shape, n_visual, how in OTHER_FAMILIES:
+        total = shape["num_hidden_layers"]
+        n = round(0.6 * total)
+        f = flops_summary(shape, n_visual, args.text_tokens, range(n))
+        print(
+            f"| {repo_id.split('/')[1]} | {n_visual} ({how}) + {args.text_tokens} | {n} / {total} | "
+            f"{f['vanilla_tflops']:.3f} | {f['shortv_tflops']:.3f} | {f['ratio']:.3f} | {f['ideal_speedup']:.2f}x |"
         )
 
 

@@ -107,8 +107,8 @@ def load_processor(path: str | Path):
     the same processor class is built without its video processor (images only, all calibration needs)."""
     from transformers import AutoProcessor
 
-    try:
-        return AutoProcessor.from_pretrained(path)
+    try:  # a stock processor class, never code from the folder (a ShortV folder's code is the model's only)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except Exception as err:  # transformers raises many types here
         if importlib.util.find_spec("torchvision") is None:
             try:
@@ -124,11 +124,16 @@ def image_only_processor(path: str | Path, processor_class: str | None = None):
     import inspect
 
     import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     settings_file = path / "processor_config.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    image_settings = settings.get("image_processor")
+    if image_settings is None:  # saved on its own
+        image_settings = json.loads((path / "preprocessor_config.json").read_text())
+    image_class = image_settings["image_processor_type"]
+    image_class = getattr(transformers, image_class.replace("Fast", "").replace("ImageProcessor", "ImageProcessorPil"))
     name = processor_class or settings.get("processor_class")
     if name is None:
         raise ValueError(f"{path}: no processor_class")
@@ -144,7 +149,8 @@ def image_only_processor(path: str | Path, processor_class: str | None = None):
     if template.is_file():
         kwargs["chat_template"] = template.read_text()
     processor_class = image_only_processor_class(name)
-    return processor_class(AutoImageProcessor.from_pretrained(path), AutoTokenizer.from_pretrained(path), **kwargs)
+    image_processor = image_class(**{k: v for k, v in image_settings.items() if k != "image_processor_type"})
+    return processor_class(image_processor, AutoTokenizer.from_pretrained(path, trust_remote_code=False), **kwargs)
 
 
 def image_only_processor_class(name: str) -> type:

@@ -126,6 +126,11 @@ def convert(
     source = resolve_model(model, revision=model_revision, config_only=dry_run)
     total = source.num_layers
     say(f"{source.model_id}: {source.kind}, {total} decoder layers")
+    if onnx and source.kind not in ONNX_FAMILIES:
+        raise ShortVError(
+            f"--onnx exports {', '.join(ONNX_FAMILIES)} checkpoints so far, not {source.kind}; convert without "
+            "--onnx (the checkpoint itself supports it)"
+        )
     if n is not None:
         check_n(n, total)
     if isinstance(layers, str):
@@ -284,6 +289,9 @@ def _quiet_libraries() -> None:
 
     disable_progress_bars()
     disable_progress_bar()
+
+
+ONNX_FAMILIES = ("llava", "llava_next")  # what --onnx exports (the other families: PyTorch checkpoints only)
 
 
 def _check_device(device: str | None, onnx: bool) -> None:
@@ -450,9 +458,20 @@ def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str) -> dict[s
 
 
 def _default_visual_tokens(source) -> int:
-    """Visual tokens of one typical image: LLaVA-1.5's fixed count, LLaVA-NeXT's 672x672 anyres (2880)."""
-    if source.kind == "llava_next":
+    """Visual tokens of one typical image, from the config: LLaVA-1.5's fixed count; LLaVA-NeXT's 672x672 anyres
+    (2880); LLaVA-OneVision's base view plus 2x2 tiles (5 x 729 at 384 px, newlines aside); Qwen2-VL's 448x448
+    image (256 at 14 px patches merged 2x2); Idefics3 / SmolVLM's 2x2 split plus the global view (5 x 169 for
+    Idefics3-8B, 5 x 64 for SmolVLM-256M)."""
+    kind, config = source.kind, source.hf_config
+    vision = getattr(config, "vision_config", None)
+    if kind == "llava_next":
         return 2880
+    if kind == "llava_onevision":
+        return 5 * (vision.image_size // vision.patch_size) ** 2
+    if kind in ("qwen2_vl", "qwen2_5_vl"):
+        return (448 // (vision.patch_size * vision.spatial_merge_size)) ** 2
+    if kind in ("idefics3", "smolvlm"):
+        return 5 * (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
     return int(source.config.get("image_seq_length", 576))
 
 

@@ -38,7 +38,8 @@ def make_tokenizer(specials: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w.lower() for w in (*_WORDS, "user", "assistant", "system")})
+    roles = ("user", "assistant", "system") if specials else ()  # the other families' chat formats
+    words = sorted({w.lower() for w in (*_WORDS, *roles)})
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + list(specials) + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()

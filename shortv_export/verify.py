@@ -47,8 +47,12 @@ with torch.no_grad():
     # them; its logits at each generated step must match the cached steps' logits.
     n = prompts["input_ids"].shape[1]
     mask = torch.cat([prompts["attention_mask"], torch.ones_like(out.sequences[:, n:])], dim=1)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    full = model(**dict(prompts, input_ids=out.sequences, attention_mask=mask), position_ids=positions, use_cache=False)
+    if "mm_token_type_ids" in prompts:  # M-RoPE (Qwen2-VL): 3-D positions from the whole sequence, as the model
+        types = prompts["mm_token_type_ids"]  # derives them; the generated tokens are text (type 0)
+        extra = {"mm_token_type_ids": torch.cat([types, torch.zeros_like(out.sequences[:, n:]).to(types)], 1)}
+    else:
+        extra = {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)}
+    full = model(**dict(prompts, input_ids=out.sequences, attention_mask=mask, **extra), use_cache=False)
     uncached = full.logits[:, n - 1 : -1].float().cpu()
 cached = torch.stack(out.logits, dim=1).float().cpu()
 torch.save({"logits": logits, "tokens": out.sequences.cpu(), "cached": cached, "uncached": uncached}, out_path)
@@ -75,7 +79,7 @@ def verify_folder(
     ``dtype`` ("fp32", "bf16", "fp16", or "auto": fp32 on the CPU, bf16 on a GPU); raise ShortVError on failure."""
     import transformers
 
-    from .calibrate import kl_and_top1, resolve_dtype
+    from .calibrate import kl_and_top1, resolve_dtype, visual_token_ids
     from .data import load_calibration, prompt_batch
     from .load import load_processor
     from .models import load_shortv
@@ -90,7 +94,8 @@ def verify_folder(
 
     model = load_shortv(base, layers, dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
     # random or tiny models may pick <image>, which a later step without the cache would take for a placeholder
-    greedy = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, suppress_tokens=[model.config.image_token_id])
+    suppress = visual_token_ids(model.config)
+    greedy = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, suppress_tokens=suppress)
 
     def place(batch):
         return {k: v.to(device, torch_dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}

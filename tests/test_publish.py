@@ -215,10 +215,10 @@ def test_verify_catches_a_checkpoint_that_caches_wrong_keys_and_values(tmp_path,
     figures = verify.verify_folder(out, tiny_dir("llava"), [0, 2], dtype=dtype)
     assert figures["dtype"] == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     assert figures["generate_max_abs_logits_diff_cached_vs_uncached"] <= figures["generate_cache_tolerance"]
-    code = (out / "modeling_shortv_llava.py").read_text()
+    code = (out / "modeling_shortv.py").read_text()
     good = "key, value = cache.update(key, value, self.layer_idx)"
     assert good in code
-    (out / "modeling_shortv_llava.py").write_text(
+    (out / "modeling_shortv.py").write_text(
         code.replace(good, "cache.update(key.flip(2), value.flip(2), self.layer_idx)")
     )
     with pytest.raises(verify.ShortVError, match="the cache is wrong"):
