@@ -5,11 +5,12 @@ ShortV (Yuan et al., 2025, arXiv 2504.00502) freezes visual tokens in the decode
 their hidden state. ``shortv_transformers`` records the transformers versions the checkpoint was tested with
 (``{"tested": [lowest, highest], "converted_with": version}``); the model warns when it runs on another. Everything
 else is the stock configuration of the family (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3,
-SmolVLM).
+SmolVLM, Gemma 3).
 """
 
 from huggingface_hub.dataclasses import strict
 from transformers import (
+    Gemma3Config,
     Idefics3Config,
     LlavaConfig,
     LlavaNextConfig,
@@ -78,5 +79,12 @@ class ShortVIdefics3Config(ShortVConfigMixin, Idefics3Config):
 @strict
 class ShortVSmolVLMConfig(ShortVConfigMixin, SmolVLMConfig):
     model_type = "shortv_smolvlm"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVGemma3Config(ShortVConfigMixin, Gemma3Config):
+    model_type = "shortv_gemma3"
     shortv_layers: list | None = None
     shortv_transformers: dict | None = None

@@ -30,6 +30,7 @@ from transformers.conversion_mapping import (
 )
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -47,7 +48,7 @@ logger = logging.get_logger(__name__)
 # Attention backends that take the explicit [batch, 1, queries, keys] mask a frozen layer needs.
 _MASKED_BACKENDS = ("eager", "sdpa")
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-_LAYER_TYPED = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")  # text models that follow config.layer_types
+_LAYER_TYPED = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "gemma3_text")  # text models that follow layer_types
 
 
 def attention_types(text_config) -> list[str]:
@@ -68,17 +69,19 @@ def _rope(x, cos, sin):  # cos, sin: [B, 1, S, head_dim]
     return x * cos + rotate_half(x) * sin
 
 
-def _text_rows(shortv, position_embeddings):
-    """cos, sin of the text rows [B, 1, T, head_dim], gathered once per forward from the stock model's
-    cos/sin of all rows [B or 1, S, head_dim] (whatever RoPE made them) and kept in ``shortv``."""
-    if shortv.get("position_embeddings") is None:
+def _text_rows(shortv, position_embeddings, kind):
+    """cos, sin of the text rows [B, 1, T, head_dim] for layers of attention type ``kind``, gathered once per
+    forward from the stock model's cos/sin of all rows [B or 1, S, head_dim] (whatever RoPE made them; Gemma 3
+    has one per attention type) and kept in ``shortv``."""
+    cached = shortv["position_embeddings"]
+    if kind not in cached:
         rows = shortv["index"][..., :1]
         batch = rows.shape[0]
-        shortv["position_embeddings"] = tuple(
+        cached[kind] = tuple(
             t.expand(batch, -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1])).unsqueeze(1)
             for t in position_embeddings
         )
-    return shortv["position_embeddings"]
+    return cached[kind]
 
 
 class ShortVAttention:
@@ -90,19 +93,25 @@ class ShortVAttention:
                 hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
         cache = _pop_cache(kwargs)
+        kind = kwargs.pop("attention_type")
         batch, seq, _ = hidden_states.shape
         index = shortv["index"]  # [B, T, D]
         n_text = index.shape[1]
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)  # Gemma 3: RMSNorm per head
 
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        if k_norm is not None:
+            key = k_norm(key)
         key = _rope(key, *(t.unsqueeze(1) for t in position_embeddings))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         if n_text == 0:  # only visual tokens here (a prefill chunk): nothing is a query
             return hidden_states.new_zeros(batch, 0, self.o_proj.out_features), None
         query = self.q_proj(hidden_states.gather(1, index)).view(batch, n_text, -1, self.head_dim).transpose(1, 2)
-        query = _rope(query, *_text_rows(shortv, position_embeddings))
+        if q_norm is not None:
+            query = q_norm(query)
+        query = _rope(query, *_text_rows(shortv, position_embeddings, kind))
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         kwargs.pop("position_ids", None)
@@ -131,8 +140,9 @@ class ShortVDecoderLayer:
     ``shortv`` holds what all frozen layers of one forward share: ``layers`` (the ids frozen in this call; any
     other layer runs the stock code), ``index`` [B, T, D] (each row's text positions first, padded with visual
     positions, expanded over the hidden size), ``valid`` [B, T, 1] (False on that padding, or None), ``masks``
-    (attention type -> the [B, 1, T, K] mask rows of the text queries) and ``position_embeddings`` (cos, sin of
-    the text rows, [B, 1, T, head_dim]; gathered by the first frozen layer when None). The fallback for other
+    (attention type -> the [B, 1, T, K] mask rows of the text queries) and ``position_embeddings`` (attention
+    type -> cos, sin of the text rows, [B, 1, T, head_dim]; gathered by the first frozen layer of that type when
+    missing). The fallback for other
     attention backends gets ``visual`` [B, S] only: the dense layer, visual rows reset (exact, nothing saved).
     """
 
@@ -152,14 +162,20 @@ class ShortVDecoderLayer:
         index = shortv["index"]
         residual = hidden_states.gather(1, index)
         normed = self.input_layernorm(hidden_states)
+        kind = self.attention_type
         attn_out, _ = self.self_attn(
-            hidden_states=normed, attention_mask=shortv["masks"][self.attention_type], shortv=shortv, **kwargs
+            hidden_states=normed, attention_mask=shortv["masks"][kind], shortv=shortv, attention_type=kind, **kwargs
         )
-        text = residual + attn_out
-        text = text + self.mlp(self.post_attention_layernorm(text))
+        text = self.text_update(residual, attn_out)
         if shortv["valid"] is not None:  # padding entries point at visual rows: write those back unchanged
             text = torch.where(shortv["valid"], text, residual)
         return hidden_states.scatter(1, index, text)
+
+    def text_update(self, residual, attn_out):
+        """The text rows after the layer, from their input and their attention output, in the stock layer's order
+        (pre-norm: attention, then the MLP, each added to the residual)."""
+        text = residual + attn_out
+        return text + self.mlp(self.post_attention_layernorm(text))
 
 
 class ShortVLlamaAttention(ShortVAttention, LlamaAttention):
@@ -179,6 +195,10 @@ class ShortVQwen2VLAttention(ShortVAttention, Qwen2VLAttention):
 
 
 class ShortVQwen2_5_VLAttention(ShortVAttention, Qwen2_5_VLAttention):
+    pass
+
+
+class ShortVGemma3Attention(ShortVAttention, Gemma3Attention):
     pass
 
 
@@ -202,12 +222,22 @@ class ShortVQwen2_5_VLDecoderLayer(ShortVDecoderLayer, Qwen2_5_VLDecoderLayer):
     attention_class = ShortVQwen2_5_VLAttention
 
 
+class ShortVGemma3DecoderLayer(ShortVDecoderLayer, Gemma3DecoderLayer):
+    attention_class = ShortVGemma3Attention
+
+    def text_update(self, residual, attn_out):
+        """Gemma 3's sandwich norms: a norm after attention and around the MLP, each before its residual add."""
+        text = residual + self.post_attention_layernorm(attn_out)
+        return text + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(text)))
+
+
 FROZEN_LAYERS = {  # text model_type -> its decoder layer with the frozen branch
     "llama": ShortVLlamaDecoderLayer,
     "mistral": ShortVMistralDecoderLayer,
     "qwen2": ShortVQwen2DecoderLayer,
     "qwen2_vl_text": ShortVQwen2VLDecoderLayer,
     "qwen2_5_vl_text": ShortVQwen2_5_VLDecoderLayer,
+    "gemma3_text": ShortVGemma3DecoderLayer,
 }
 
 
@@ -223,12 +253,14 @@ def text_rows_inputs(language_model, layers, text_index, valid, masks, position_
         "index": rows.expand(-1, -1, hidden),
         "valid": None if valid is None else valid.unsqueeze(-1),
         "masks": masks,
-        "position_embeddings": None,
+        "position_embeddings": {},  # attention type -> cos, sin of the text rows, filled by the first layer of it
     }
-    if position_ids is not None:
+    if position_ids is not None:  # one RoPE for every attention type (the families ONNX exports)
         dtype = language_model.embed_tokens.weight.dtype
         probe = torch.empty(text_index.shape[0], position_ids.shape[-1], 0, dtype=dtype, device=text_index.device)
-        _text_rows(shortv, language_model.rotary_emb(probe, position_ids))
+        rope = language_model.rotary_emb(probe, position_ids)
+        for kind in masks:
+            _text_rows(shortv, rope, kind)
     return shortv
 
 

@@ -11,6 +11,7 @@ modified run starts at layer l+1: L(L-1)/2 layer forwards for all layers instead
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -190,11 +191,18 @@ class _Batch:
                 positions = (attention.cumsum(-1) - 1).clamp(min=0)  # exactly what it computes alone
             # (M-RoPE: the family's 3-D positions, which already ignore padding)
             self.position_ids = positions if positions.ndim == 2 else None  # what masks and layers see
-            self.position_embeddings = lm.rotary_emb(hidden, positions)
-            # Each layer's mask as the stock text model builds it (causal, or sliding window).
             kinds = attention_types(lm.config)
+            # cos/sin per attention type (Gemma 3 has a RoPE per type; the others one for all)
+            per_type = "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters
+            rope = {kind: lm.rotary_emb(hidden, positions, *([kind] if per_type else [])) for kind in set(kinds)}
+            self.position_embeddings = [rope[kind] for kind in kinds]
+            # Each layer's mask as the stock model builds it: the 4-D masks it hands its text model (Gemma 3's
+            # let an image's tokens see each other), else causal or sliding window from the padding mask.
+            given_masks = given.get("attention_mask")
             masks = {
-                kind: MASK_FUNCTIONS[kind](lm.config, hidden, attention, None, position_ids=self.position_ids)
+                kind: given_masks[kind]
+                if isinstance(given_masks, dict)
+                else MASK_FUNCTIONS[kind](lm.config, hidden, attention, None, position_ids=self.position_ids)
                 for kind in set(kinds)
             }
             self.masks = [masks[kind] for kind in kinds]
@@ -214,7 +222,7 @@ class _Batch:
             move(hidden),
             attention_mask=move(self.masks[i]),
             position_ids=move(self.position_ids),
-            position_embeddings=tuple(move(t) for t in self.position_embeddings),
+            position_embeddings=tuple(move(t) for t in self.position_embeddings[i]),
             use_cache=False,
         )
 

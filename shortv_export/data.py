@@ -154,7 +154,8 @@ def token_counts(processor, calib: CalibrationSet, image_token_id: int) -> tuple
     return visual / len(calib.samples), text / len(calib.samples)
 
 
-NESTED_IMAGES = ("Idefics3Processor", "SmolVLMProcessor")  # processors that take a list of images per prompt
+# processors that take a list of images per prompt
+NESTED_IMAGES = ("Idefics3Processor", "SmolVLMProcessor", "Gemma3Processor")
 
 
 def prompt_batch(processor, samples: list[Sample]) -> dict:

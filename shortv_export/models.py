@@ -8,7 +8,12 @@ from typing import Any, NamedTuple
 
 from .compat import tested_range
 from .modeling import configuration_shortv as configs
-from .modeling import modeling_shortv_idefics3, modeling_shortv_llava, modeling_shortv_qwen2_vl
+from .modeling import (
+    modeling_shortv_gemma3,
+    modeling_shortv_idefics3,
+    modeling_shortv_llava,
+    modeling_shortv_qwen2_vl,
+)
 
 
 class Family(NamedTuple):
@@ -49,6 +54,9 @@ SUPPORTED = {  # base model_type -> its ShortV family
     ),
     "smolvlm": _family(
         "shortv_smolvlm", configs.ShortVSmolVLMConfig, modeling_shortv_idefics3.ShortVSmolVLMForConditionalGeneration
+    ),
+    "gemma3": _family(
+        "shortv_gemma3", configs.ShortVGemma3Config, modeling_shortv_gemma3.ShortVGemma3ForConditionalGeneration
     ),
 }
 SHARED_FILES = ("configuration_shortv.py", "modeling_shortv.py")

@@ -33,12 +33,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(specials: tuple[str, ...] = ()):
-    """A word-level tokenizer over the calibration prompts' words, with the family's ``specials`` added."""
+def make_tokenizer(specials: tuple[str, ...] = (), named: dict[str, str] | None = None):
+    """A word-level tokenizer over the calibration prompts' words, with the family's ``specials`` added
+    (``named``: special tokens the processor reads by name, e.g. Gemma 3's ``boi_token``)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    roles = ("user", "assistant", "system") if specials else ()  # the other families' chat formats
+    roles = ("user", "assistant", "system", "model") if specials else ()  # the other families' chat formats
     words = sorted({w.lower() for w in (*_WORDS, *roles)})
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + list(specials) + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -51,6 +52,7 @@ def make_tokenizer(specials: tuple[str, ...] = ()):
         eos_token="</s>",
         pad_token="<pad>",
         additional_special_tokens=["<image>", *specials],
+        **({"extra_special_tokens": named} if named else {}),
         padding_side="left",
     )
 
@@ -73,6 +75,7 @@ FAMILIES = (
     ("qwen2_5_vl", "qwen2"),
     ("idefics3", "llama"),
     ("smolvlm", "llama"),
+    ("gemma3", "gemma3"),
 )
 
 
@@ -215,7 +218,14 @@ _IDEFICS3_TEMPLATE = (
     "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
+_GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+_GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3")
 
 
 def build_family(
@@ -231,14 +241,16 @@ def build_family(
     ``kv_heads`` key/value heads, images of a few to a few dozen visual tokens."""
     import transformers
 
-    if text not in (None, "llama" if kind in ("idefics3", "smolvlm") else "qwen2"):
+    own = {"idefics3": "llama", "smolvlm": "llama", "gemma3": "gemma3"}.get(kind, "qwen2")
+    if text not in (None, own):
         raise ValueError(f"{kind} has its own text model, not {text!r}")
     specials = {
         "qwen2_vl": _QWEN_SPECIALS,
         "qwen2_5_vl": _QWEN_SPECIALS,
         "llava_onevision": ("<video>", *_QWEN_SPECIALS[:2]),
+        "gemma3": (*_GEMMA3_NAMED.values(), "<start_of_turn>", "<end_of_turn>"),
     }
-    tokenizer = make_tokenizer(specials.get(kind, _IDEFICS3_SPECIALS))
+    tokenizer = make_tokenizer(specials.get(kind, _IDEFICS3_SPECIALS), _GEMMA3_NAMED if kind == "gemma3" else None)
     token = tokenizer.convert_tokens_to_ids
     text = dict(
         hidden_size=hidden,
@@ -353,6 +365,34 @@ def build_family(
         extra = {} if kind == "idefics3" else {"video_processor": None}
         processor = _image_only(
             f"{prefix}Processor", image_processor, tokenizer, _IDEFICS3_TEMPLATE, image_seq_len=4, **extra
+        )
+    elif kind == "gemma3":  # sliding and global layers mixed; a 6-token window, shorter than every prompt
+        kinds = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+        text.update(
+            head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=SLIDING_WINDOW, layer_types=kinds
+        )
+        vision = transformers.SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=7,
+            vision_use_head=False,
+        )
+        config = transformers.Gemma3Config(
+            text_config=text,
+            vision_config=vision,
+            mm_tokens_per_image=4,
+            image_token_index=token("<image_soft_token>"),
+            boi_token_index=token("<start_of_image>"),
+            eoi_token_index=token("<end_of_image>"),
+            **_special_ids(tokenizer),
+        )
+        model = transformers.Gemma3ForConditionalGeneration(config)
+        image_processor = _image_processor("Gemma3ImageProcessor", size={"height": 28, "width": 28})
+        processor = transformers.Gemma3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=_GEMMA3_TEMPLATE, image_seq_length=4
         )
     else:
         raise ValueError(f"kind must be one of {', '.join(('llava', 'llava_next', *NEW_FAMILIES))}, got {kind!r}")

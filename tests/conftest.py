@@ -10,6 +10,7 @@ from PIL import Image
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
+from shortv_export.data import NESTED_IMAGES  # noqa: E402
 from shortv_export.tiny import NEW_FAMILIES, save_tiny  # noqa: E402
 
 _ROOT: Path | None = None
@@ -29,7 +30,7 @@ def tiny_dir(kind: str, num_layers: int = 6, text: str = "llama", kv_heads: int 
     4), saved once per session."""
     name = f"{kind}-{text}-{num_layers}" + ("" if kv_heads == 2 else f"-kv{kv_heads}")
     if kind in NEW_FAMILIES:
-        text = None if text in ("llama", "qwen2") else text
+        text = None if text in ("llama", "qwen2", "gemma3") else text
     return save_tiny(_ROOT / name, kind, num_layers=num_layers, text=text, kv_heads=kv_heads)
 
 
@@ -52,6 +53,3 @@ def batch(processor, rows: list[tuple[str, list[Image.Image]]], padding_side: st
     else:
         images = [img for _, imgs in rows for img in imgs] or None
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
-
-
-NESTED_IMAGES = ("Idefics3Processor", "SmolVLMProcessor")
