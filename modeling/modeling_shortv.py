@@ -10,12 +10,12 @@ the model class: the image token, and the video token where the family has video
 images or videos (pixel values or pre-computed encoder outputs). Calls without them (decode steps, text-only
 prompts) run the stock layers, with no branching on tensor values, so they compile with ``fullgraph=True``.
 
-A frozen layer attends with the mask the stock text model gives that layer (causal, or sliding-window for
-Mistral and for Qwen2's sliding layers), restricted to the text rows, and rotates its text queries with the
-cos/sin the stock text model computed for those rows (1-D RoPE, or Qwen2-VL's multimodal RoPE alike). Text
-models: Llama, Mistral, Qwen2, and the Qwen2-VL / Qwen2.5-VL text models. With ``shortv_layers=[]`` the model is
-the stock one. Runs on transformers 5.23 (cache argument ``past_key_values``) and 5.24+ (``cache``);
-``config.shortv_transformers`` records the versions it was checked on.
+A frozen layer attends with the mask the stock text model gives that layer's text rows (causal, or sliding
+window for Mistral and the sliding layers of Qwen2 and Gemma 3), and rotates its text queries with the cos/sin
+the stock text model computed for those rows (1-D RoPE, or Qwen2-VL's multimodal RoPE alike). Text models:
+Llama, Mistral, Qwen2, Gemma 3 and the Qwen2-VL / Qwen2.5-VL / Qwen3-VL text models. With ``shortv_layers=[]``
+the model is the stock one. Runs on transformers 5.23 (cache argument ``past_key_values``) and 5.24+
+(``cache``); ``config.shortv_transformers`` records the versions it was checked on.
 """
 
 import inspect
@@ -41,6 +41,7 @@ from transformers.models.mistral.modeling_mistral import MistralAttention, Mistr
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2DecoderLayer
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLAttention, Qwen2_5_VLDecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLAttention, Qwen2VLDecoderLayer
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextAttention, Qwen3VLTextDecoderLayer
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -97,7 +98,7 @@ class ShortVAttention:
         batch, seq, _ = hidden_states.shape
         index = shortv["index"]  # [B, T, D]
         n_text = index.shape[1]
-        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)  # Gemma 3: RMSNorm per head
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)  # Gemma 3, Qwen3: per head
 
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -202,6 +203,10 @@ class ShortVGemma3Attention(ShortVAttention, Gemma3Attention):
     pass
 
 
+class ShortVQwen3VLTextAttention(ShortVAttention, Qwen3VLTextAttention):
+    pass
+
+
 class ShortVLlamaDecoderLayer(ShortVDecoderLayer, LlamaDecoderLayer):
     attention_class = ShortVLlamaAttention
 
@@ -222,6 +227,10 @@ class ShortVQwen2_5_VLDecoderLayer(ShortVDecoderLayer, Qwen2_5_VLDecoderLayer):
     attention_class = ShortVQwen2_5_VLAttention
 
 
+class ShortVQwen3VLTextDecoderLayer(ShortVDecoderLayer, Qwen3VLTextDecoderLayer):
+    attention_class = ShortVQwen3VLTextAttention
+
+
 class ShortVGemma3DecoderLayer(ShortVDecoderLayer, Gemma3DecoderLayer):
     attention_class = ShortVGemma3Attention
 
@@ -237,6 +246,7 @@ FROZEN_LAYERS = {  # text model_type -> its decoder layer with the frozen branch
     "qwen2": ShortVQwen2DecoderLayer,
     "qwen2_vl_text": ShortVQwen2VLDecoderLayer,
     "qwen2_5_vl_text": ShortVQwen2_5_VLDecoderLayer,
+    "qwen3_vl_text": ShortVQwen3VLTextDecoderLayer,
     "gemma3_text": ShortVGemma3DecoderLayer,
 }
 

@@ -1,4 +1,4 @@
-"""ShortV for Qwen2-VL and Qwen2.5-VL (Yuan et al., 2025, arXiv 2504.00502).
+"""ShortV for Qwen2-VL, Qwen2.5-VL and Qwen3-VL (Yuan et al., 2025, arXiv 2504.00502).
 
 The frozen decoder layer and the plumbing are in ``modeling_shortv.py``; this file names the visual rows and
 encodes images and videos as the stock ``forward`` does.
@@ -7,7 +7,11 @@ Visual rows: the positions of ``config.image_token_id`` (``<|image_pad|>``) and 
 (``<|video_pad|>``); the ``<|vision_start|>`` / ``<|vision_end|>`` markers around them are text. Positions are
 multimodal RoPE (3-D ids from ``get_rope_index``), computed by the stock model as usual: a frozen layer
 rotates its text queries with the cos/sin the text model made for those rows, and builds its masks from the
-text positions. q/k/v projections have biases; nothing else differs from a Qwen2 layer.
+text positions. Qwen2-VL / Qwen2.5-VL: q/k/v projections have biases; nothing else differs from a Qwen2 layer.
+Qwen3-VL: q/k RMSNorm per head before RoPE, interleaved M-RoPE sections (both inside the stock cos/sin and
+norms the frozen layer reuses), and deepstack: features of earlier vision layers are added to the visual rows
+after each of the first decoder layers, by the stock text model between layers, so a frozen layer's visual
+rows get them too, exactly as the dense model's do.
 """
 
 from torch import nn
@@ -16,11 +20,14 @@ from transformers import (
     Qwen2_5_VLModel,
     Qwen2VLForConditionalGeneration,
     Qwen2VLModel,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLModel,
 )
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel
 
-from .configuration_shortv import ShortVQwen2_5_VLConfig, ShortVQwen2VLConfig
+from .configuration_shortv import ShortVQwen2_5_VLConfig, ShortVQwen2VLConfig, ShortVQwen3VLConfig
 from .modeling_shortv import ShortVModelMixin, _flags, mirror_weight_renames
 
 
@@ -57,6 +64,14 @@ class ShortVQwen2_5_VLModel(ShortVQwen2VLModelMixin, Qwen2_5_VLModel):
         self._shortv_init()
 
 
+class ShortVQwen3VLModel(ShortVQwen2VLModelMixin, Qwen3VLModel):
+    config_class = ShortVQwen3VLConfig
+
+    def __init__(self, config: ShortVQwen3VLConfig):
+        super().__init__(config)
+        self._shortv_init()
+
+
 class ShortVQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
     """Qwen2-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
@@ -81,9 +96,21 @@ class ShortVQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneratio
         self.post_init()
 
 
+class ShortVQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+    """Qwen3-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
+
+    config_class = ShortVQwen3VLConfig
+
+    def __init__(self, config: ShortVQwen3VLConfig):
+        Qwen3VLPreTrainedModel.__init__(self, config)
+        self.model = ShortVQwen3VLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
 # Qwen/Qwen2-VL-* checkpoints store the pre-v5 weight names that transformers renames on load for these classes.
 mirror_weight_renames(
     (f"ShortV{family}{suffix}", f"{family}{suffix}")
-    for family in ("Qwen2VL", "Qwen2_5_VL")
+    for family in ("Qwen2VL", "Qwen2_5_VL", "Qwen3VL")
     for suffix in ("Model", "ForConditionalGeneration")
 )

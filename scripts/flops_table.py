@@ -47,6 +47,8 @@ OTHER_FAMILIES = [  # (Hub id, language model shape, visual tokens of one typica
     ("Qwen/Qwen2-VL-7B-Instruct", QWEN2_7B, 256, "448x448"),
     ("Qwen/Qwen2.5-VL-3B-Instruct", _shape(2048, 11008, 16, 2, 36), 256, "448x448"),
     ("Qwen/Qwen2.5-VL-7B-Instruct", QWEN2_7B, 256, "448x448"),
+    ("Qwen/Qwen3-VL-2B-Instruct", _shape(2048, 6144, 16, 8, 28, 128), 196, "448x448"),
+    ("Qwen/Qwen3-VL-8B-Instruct", _shape(4096, 12288, 32, 8, 36, 128), 196, "448x448"),
     ("HuggingFaceM4/Idefics3-8B-Llama3", _shape(4096, 14336, 32, 8, 32), 5 * 169, "2x2 split + global, 169 each"),
     ("HuggingFaceTB/SmolVLM-256M-Instruct", _shape(576, 1536, 9, 3, 30), 5 * 64, "2x2 split + global, 64 each"),
     ("HuggingFaceTB/SmolVLM-500M-Instruct", _shape(960, 2560, 15, 5, 32), 5 * 64, "2x2 split + global, 64 each"),

@@ -206,12 +206,22 @@ class _Batch:
                 for kind in set(kinds)
             }
             self.masks = [masks[kind] for kind in kinds]
+            # Qwen3-VL's deepstack: vision features the text model adds to the visual rows after its first layers
+            self.deepstack = (given.get("deepstack_visual_embeds") or [], given.get("visual_pos_masks"))
             self.cache_device = cache_device or _cache_device(hidden, len(self.layers))
             self.inputs = [hidden.to(self.cache_device)]  # H_0 .. H_L
             for i in range(len(self.layers)):
-                hidden = self.layer(i, hidden)
+                hidden = self.between(i, self.layer(i, hidden))
                 self.inputs.append(hidden.to(self.cache_device))
             self.log_probs = self.head(hidden)
+
+    def between(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """What the text model does to layer ``i``'s output before the next layer: Qwen3-VL adds deepstack
+        features to the visual rows after its first layers; the others nothing."""
+        features, rows = self.deepstack
+        if i >= len(features):
+            return hidden
+        return text_model(self.model)._deepstack_process(hidden, rows, features[i])
 
     def layer(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
@@ -242,9 +252,9 @@ class _Batch:
                 if i == start and i in frozen:  # layer ``start`` needs no forward: its output is known
                     out = self.inputs[i + 1]
                 else:
-                    out = self.layer(i, hidden)
-                if i in frozen:
-                    hidden = hidden.to(out.device)
+                    out = self.between(i, self.layer(i, hidden))
+                if i in frozen:  # frozen rows keep the layer's input (and get what follows the layer)
+                    hidden = self.between(i, hidden.to(out.device))
                     out = torch.where(rows.to(out.device).unsqueeze(-1), hidden, out)
                 hidden = out
             return self.head(hidden)

@@ -20,11 +20,12 @@ SUPPORTED = {
     "llava_onevision": "LLaVA-OneVision",
     "qwen2_vl": "Qwen2-VL",
     "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
     "idefics3": "Idefics3",
     "smolvlm": "SmolVLM",
     "gemma3": "Gemma 3",
 }
-SUPPORTED_TEXT = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "gemma3_text")
+SUPPORTED_TEXT = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "gemma3_text")
 # What a conversion needs from a Hub repo: configs, tokenizer/processor files, chat template, safetensors.
 PROCESSOR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md"]
 HUB_PATTERNS = [*PROCESSOR_PATTERNS, "*.safetensors"]

@@ -49,6 +49,9 @@ SUPPORTED = {  # base model_type -> its ShortV family
         configs.ShortVQwen2_5_VLConfig,
         modeling_shortv_qwen2_vl.ShortVQwen2_5_VLForConditionalGeneration,
     ),
+    "qwen3_vl": _family(
+        "shortv_qwen3_vl", configs.ShortVQwen3VLConfig, modeling_shortv_qwen2_vl.ShortVQwen3VLForConditionalGeneration
+    ),
     "idefics3": _family(
         "shortv_idefics3", configs.ShortVIdefics3Config, modeling_shortv_idefics3.ShortVIdefics3ForConditionalGeneration
     ),

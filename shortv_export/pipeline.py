@@ -468,7 +468,7 @@ def _default_visual_tokens(source) -> int:
         return 2880
     if kind == "llava_onevision":
         return 5 * (vision.image_size // vision.patch_size) ** 2
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return (448 // (vision.patch_size * vision.spatial_merge_size)) ** 2
     if kind in ("idefics3", "smolvlm"):
         return 5 * (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2

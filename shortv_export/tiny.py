@@ -73,6 +73,7 @@ FAMILIES = (
     ("llava_onevision", "qwen2"),
     ("qwen2_vl", "qwen2"),
     ("qwen2_5_vl", "qwen2"),
+    ("qwen3_vl", "qwen2"),
     ("idefics3", "llama"),
     ("smolvlm", "llama"),
     ("gemma3", "gemma3"),
@@ -225,7 +226,7 @@ _GEMMA3_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3")
+NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
 
 
 def build_family(
@@ -247,6 +248,7 @@ def build_family(
     specials = {
         "qwen2_vl": _QWEN_SPECIALS,
         "qwen2_5_vl": _QWEN_SPECIALS,
+        "qwen3_vl": _QWEN_SPECIALS,
         "llava_onevision": ("<video>", *_QWEN_SPECIALS[:2]),
         "gemma3": (*_GEMMA3_NAMED.values(), "<start_of_turn>", "<end_of_turn>"),
     }
@@ -266,19 +268,33 @@ def build_family(
         initializer_range=init_std,
     )
     torch.manual_seed(seed)
-    if kind in ("qwen2_vl", "qwen2_5_vl"):
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         head_dim = hidden // 4
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope(head_dim)}
         vision = dict(depth=2, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2)
         if kind == "qwen2_vl":
             vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
-        else:
+        elif kind == "qwen2_5_vl":
             vision.update(
                 hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=28, fullatt_block_indexes=[1]
             )
-        names = ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")
-        if kind == "qwen2_5_vl":
-            names = ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor")
+        else:  # interleaved M-RoPE (t, h, w alternate over the frequencies); deepstack from both vision layers
+            text["head_dim"] = head_dim
+            text["rope_parameters"].update(
+                mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True
+            )
+            vision.update(
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=hidden,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[0, 1],
+            )
+        names = {
+            "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+            "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+        }[kind]
         config = getattr(transformers, names[0])(
             text_config=text,
             vision_config=vision,

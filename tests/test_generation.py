@@ -30,7 +30,7 @@ CASES = (
 )
 # Qwen2-VL / Qwen2.5-VL: M-RoPE positions come from input_ids, mm_token_type_ids and the image grids of the whole
 # prompt, which generate() only has for a fresh prompt of input_ids (stock behaviour, which ShortV keeps).
-MROPE = ("qwen2_vl", "qwen2_5_vl")
+MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 Q = "what is the color of the shape ?"
 Q2 = "how many shapes are there in this picture ?"
 
