@@ -75,7 +75,8 @@ def main(argv=None):
         )
     print()
     print(
-        "| model | visual tokens (one image) + text | frozen (60%) | vanilla TFLOPs | ShortV TFLOPs | ratio | ideal speed-up |"
+        "| model | visual tokens (one image) + text | frozen (60%) | vanilla TFLOPs | ShortV TFLOPs | ratio "
+        "| ideal speed-up |"
     )
     print("|---|---|---|---|---|---|---|")
     for repo_id, shape, n_visual, how in OTHER_FAMILIES:

@@ -1,6 +1,6 @@
 """Worst differences between the ShortV classes and the oracle, per model family, as a table.
 
-    python scripts/parity_table.py            # every (LLaVA kind, text model) of the tiny fixtures
+    python scripts/parity_table.py            # every (family, text model) of the tiny fixtures
 
 For each family: max |logits| difference of a padded prefill batch (two rows, three images) against the oracle
 (the stock model with the frozen layers' visual rows reset to their input, tests/oracle.py), for SDPA and
@@ -23,9 +23,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from conftest import batch  # noqa: E402
 from oracle import oracle_hooks  # noqa: E402
-from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import AutoModelForImageTextToText  # noqa: E402
 
+from shortv_export.calibrate import visual_token_ids  # noqa: E402
+from shortv_export.load import load_processor  # noqa: E402
 from shortv_export.models import load_shortv  # noqa: E402
 from shortv_export.tiny import FAMILIES, save_tiny  # noqa: E402
 
@@ -38,22 +41,16 @@ def picture(width, height, seed):
 
 
 def inputs_for(processor):
-    processor.tokenizer.padding_side = "left"
-    rows = [("how many shapes are there in this picture ?", 2), ("what is the color of the shape ?", 1)]
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": q}]}],
-            add_generation_prompt=True,
-        )
-        for q, n in rows
+    rows = [
+        ("how many shapes are there in this picture ?", [picture(40, 50, 0), picture(64, 32, 1)]),
+        ("what is the color of the shape ?", [picture(30, 90, 2)]),
     ]
-    images = [picture(40, 50, 0), picture(64, 32, 1), picture(30, 90, 2)]
-    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    return batch(processor, rows, "left")
 
 
 @torch.no_grad()
 def measure(folder: Path) -> dict:
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     inputs = inputs_for(processor)
     keep = inputs["attention_mask"].bool()
     row = {}
@@ -69,7 +66,7 @@ def measure(folder: Path) -> dict:
             row["bf16 oracle vs fp32 oracle"] = float((ref - row.pop("_fp32_ref"))[keep].abs().max())
         elif attn == "sdpa":
             row["_fp32_ref"] = ref
-            gen = dict(max_new_tokens=12, do_sample=False, suppress_tokens=[shortv.config.image_token_id])
+            gen = dict(max_new_tokens=12, do_sample=False, suppress_tokens=visual_token_ids(shortv.config))
             same = []
             for cache in ("dynamic", "static"):
                 tokens = shortv.generate(**inputs, **gen, cache_implementation=cache)
