@@ -5,7 +5,7 @@ ShortV (Yuan et al., 2025, arXiv 2504.00502) freezes visual tokens in the decode
 their hidden state. ``shortv_transformers`` records the transformers versions the checkpoint was tested with
 (``{"tested": [lowest, highest], "converted_with": version}``); the model warns when it runs on another. Everything
 else is the stock configuration of the family (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3,
-SmolVLM, Gemma 3, Qwen3-VL).
+SmolVLM, Gemma 3, Qwen3-VL, Mistral 3).
 """
 
 from huggingface_hub.dataclasses import strict
@@ -15,6 +15,7 @@ from transformers import (
     LlavaConfig,
     LlavaNextConfig,
     LlavaOnevisionConfig,
+    Mistral3Config,
     Qwen2_5_VLConfig,
     Qwen2VLConfig,
     Qwen3VLConfig,
@@ -94,5 +95,12 @@ class ShortVGemma3Config(ShortVConfigMixin, Gemma3Config):
 @strict
 class ShortVQwen3VLConfig(ShortVConfigMixin, Qwen3VLConfig):
     model_type = "shortv_qwen3_vl"
+    shortv_layers: list | None = None
+    shortv_transformers: dict | None = None
+
+
+@strict
+class ShortVMistral3Config(ShortVConfigMixin, Mistral3Config):
+    model_type = "shortv_mistral3"
     shortv_layers: list | None = None
     shortv_transformers: dict | None = None

@@ -1,12 +1,13 @@
-"""ShortV for LLaVA, LLaVA-NeXT and LLaVA-OneVision (Yuan et al., 2025, arXiv 2504.00502).
+"""ShortV for LLaVA, LLaVA-NeXT, LLaVA-OneVision and Mistral 3 (Yuan et al., 2025, arXiv 2504.00502).
 
 The frozen decoder layer and the plumbing are in ``modeling_shortv.py``; this file names the visual rows and
 encodes the images (and OneVision's videos) as each stock ``forward`` does.
 
 Visual rows: LLaVA and LLaVA-NeXT, the positions of ``config.image_token_id`` (LLaVA-NeXT's anyres tiles and
 newline features included, all placed on image tokens); LLaVA-OneVision, those of ``image_token_id`` and
-``video_token_id`` (its pooled frame features and the newline after each video). Text models: Llama, Mistral,
-Qwen2 (OneVision's).
+``video_token_id`` (its pooled frame features and the newline after each video); Mistral 3, those of
+``image_token_id`` (``[IMG]``: the Pixtral tower's patches after the 2x2 spatial merge; the ``[IMG_BREAK]`` after
+each row and the final ``[IMG_END]`` are text). Text models: Llama, Mistral, Qwen2 (OneVision's).
 """
 
 from torch import nn
@@ -17,12 +18,20 @@ from transformers import (
     LlavaNextModel,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionModel,
+    Mistral3ForConditionalGeneration,
+    Mistral3Model,
 )
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
+from transformers.models.mistral3.modeling_mistral3 import Mistral3PreTrainedModel
 
-from .configuration_shortv import ShortVLlavaConfig, ShortVLlavaNextConfig, ShortVLlavaOnevisionConfig
+from .configuration_shortv import (
+    ShortVLlavaConfig,
+    ShortVLlavaNextConfig,
+    ShortVLlavaOnevisionConfig,
+    ShortVMistral3Config,
+)
 from .modeling_shortv import ShortVModelMixin, _flags, mirror_weight_renames
 
 
@@ -80,6 +89,23 @@ class ShortVLlavaOnevisionModel(ShortVModelMixin, LlavaOnevisionModel):
         return encoded
 
 
+class ShortVMistral3Model(ShortVModelMixin, Mistral3Model):
+    config_class = ShortVMistral3Config
+
+    def __init__(self, config: ShortVMistral3Config):
+        super().__init__(config)
+        self._shortv_init()
+
+    def encode(self, inputs: dict) -> dict:
+        image = self.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=inputs.get("vision_feature_layer"),
+            image_sizes=inputs.get("image_sizes"),
+            return_dict=True,
+        )
+        return {"image": image}
+
+
 class ShortVLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """LLaVA with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
@@ -116,15 +142,30 @@ class ShortVLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalG
         self.post_init()
 
 
+class ShortVMistral3ForConditionalGeneration(Mistral3ForConditionalGeneration):
+    """Mistral 3 with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
+
+    config_class = ShortVMistral3Config
+
+    def __init__(self, config: ShortVMistral3Config):
+        Mistral3PreTrainedModel.__init__(self, config)
+        self.model = ShortVMistral3Model(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+# Hub checkpoints store legacy weight names that transformers renames on load (and back on save) for the stock
+# model types and classes; give ours the same renames.
 mirror_weight_renames(
     [
         ("shortv_llava", "llava"),
         ("shortv_llava_next", "llava_next"),
         ("shortv_llava_onevision", "llava_onevision"),
+        ("shortv_mistral3", "mistral3"),
     ]
     + [
         (f"ShortV{name}", name)
-        for family in ("Llava", "LlavaNext", "LlavaOnevision")
+        for family in ("Llava", "LlavaNext", "LlavaOnevision", "Mistral3")
         for name in (f"{family}Model", f"{family}ForConditionalGeneration")
     ]
 )

@@ -53,6 +53,7 @@ OTHER_FAMILIES = [  # (Hub id, language model shape, visual tokens of one typica
     ("HuggingFaceTB/SmolVLM-256M-Instruct", _shape(576, 1536, 9, 3, 30), 5 * 64, "2x2 split + global, 64 each"),
     ("HuggingFaceTB/SmolVLM-500M-Instruct", _shape(960, 2560, 15, 5, 32), 5 * 64, "2x2 split + global, 64 each"),
     ("HuggingFaceTB/SmolVLM-Instruct", _shape(2048, 8192, 32, 32, 24), 5 * 81, "2x2 split + global, 81 each"),
+    ("mistralai/Mistral-Small-3.1-24B-Instruct-2503", _shape(5120, 32768, 32, 8, 40, 128), 1296, "1024x1024"),
     ("google/gemma-3-4b-it", _shape(2560, 10240, 8, 4, 34, 256), 256, "896x896"),
     ("google/gemma-3-12b-it", _shape(3840, 15360, 16, 8, 48, 256), 256, "896x896"),
     ("google/gemma-3-27b-it", _shape(5376, 21504, 32, 16, 62, 128), 256, "896x896"),

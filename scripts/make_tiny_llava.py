@@ -2,7 +2,8 @@
 
 python scripts/make_tiny_llava.py tiny-llava [--kind KIND] [--text mistral_sliding] [--layers 12]
 
-KIND: llava (default), llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3, smolvlm, gemma3.
+KIND: llava (default), llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, idefics3, smolvlm, gemma3,
+mistral3.
 
 --text picks the language model of llava / llava_next; the other families have their own.
 """

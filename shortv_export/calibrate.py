@@ -114,9 +114,14 @@ def resolve_dtype(dtype: str, device: str | None, device_map: str | None) -> tor
 
 def load_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
     """The base model (stock class, one copy) and its processor, ready for calibration."""
-    from transformers import AutoModelForImageTextToText
-
     from .load import load_processor
+
+    return load_base_model(source, device=device, dtype=dtype, device_map=device_map), load_processor(source.path)
+
+
+def load_base_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
+    """The base model (stock class, one copy) in ``dtype`` on ``device`` (or spread by ``device_map``)."""
+    from transformers import AutoModelForImageTextToText
 
     torch_dtype = resolve_dtype(dtype, device, device_map)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +131,7 @@ def load_model(source: Source, *, device: str | None = None, dtype: str = "auto"
     model = AutoModelForImageTextToText.from_pretrained(source.path, **kwargs).eval()
     if not device_map:
         model.to(device)
-    return model, load_processor(source.path)
+    return model
 
 
 def text_model(model):

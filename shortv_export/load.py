@@ -24,6 +24,7 @@ SUPPORTED = {
     "idefics3": "Idefics3",
     "smolvlm": "SmolVLM",
     "gemma3": "Gemma 3",
+    "mistral3": "Mistral 3",
 }
 SUPPORTED_TEXT = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "gemma3_text")
 # What a conversion needs from a Hub repo: configs, tokenizer/processor files, chat template, safetensors.

@@ -41,6 +41,9 @@ SUPPORTED = {  # base model_type -> its ShortV family
         configs.ShortVLlavaOnevisionConfig,
         modeling_shortv_llava.ShortVLlavaOnevisionForConditionalGeneration,
     ),
+    "mistral3": _family(
+        "shortv_mistral3", configs.ShortVMistral3Config, modeling_shortv_llava.ShortVMistral3ForConditionalGeneration
+    ),
     "qwen2_vl": _family(
         "shortv_qwen2_vl", configs.ShortVQwen2VLConfig, modeling_shortv_qwen2_vl.ShortVQwen2VLForConditionalGeneration
     ),

@@ -461,7 +461,7 @@ def _default_visual_tokens(source) -> int:
     """Visual tokens of one typical image, from the config: LLaVA-1.5's fixed count; LLaVA-NeXT's 672x672 anyres
     (2880); LLaVA-OneVision's base view plus 2x2 tiles (5 x 729 at 384 px, newlines aside); Qwen2-VL's 448x448
     image (256 at 14 px patches merged 2x2); Idefics3 / SmolVLM's 2x2 split plus the global view (5 x 169 for
-    Idefics3-8B, 5 x 64 for SmolVLM-256M); Gemma 3's fixed 256."""
+    Idefics3-8B, 5 x 64 for SmolVLM-256M); Gemma 3's fixed 256; Mistral 3's 1024x1024 image (36 x 36)."""
     kind, config = source.kind, source.hf_config
     vision = getattr(config, "vision_config", None)
     if kind == "llava_next":
@@ -474,6 +474,9 @@ def _default_visual_tokens(source) -> int:
         return 5 * (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
     if kind == "gemma3":
         return int(config.mm_tokens_per_image)
+    if kind == "mistral3":  # a 1024x1024 image: 14 px patches merged 2x2, 36 x 36 (row breaks are text)
+        side = 1024 // (vision.patch_size * config.spatial_merge_size)
+        return side * side
     return int(source.config.get("image_seq_length", 576))
 
 

@@ -77,6 +77,7 @@ FAMILIES = (
     ("idefics3", "llama"),
     ("smolvlm", "llama"),
     ("gemma3", "gemma3"),
+    ("mistral3", "mistral"),
 )
 
 
@@ -226,7 +227,14 @@ _GEMMA3_TEMPLATE = (
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
+_MISTRAL3_SPECIALS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
+_MISTRAL3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}[IMG]"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}[/INST]"
+    "{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+)
+NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "mistral3")
 
 
 def build_family(
@@ -240,9 +248,11 @@ def build_family(
 ):
     """``(model, processor)`` for a tiny random checkpoint of ``kind`` (one of NEW_FAMILIES): 4 attention heads,
     ``kv_heads`` key/value heads, images of a few to a few dozen visual tokens."""
+    import importlib.util
+
     import transformers
 
-    own = {"idefics3": "llama", "smolvlm": "llama", "gemma3": "gemma3"}.get(kind, "qwen2")
+    own = {"idefics3": "llama", "smolvlm": "llama", "gemma3": "gemma3", "mistral3": "mistral"}.get(kind, "qwen2")
     if text not in (None, own):
         raise ValueError(f"{kind} has its own text model, not {text!r}")
     specials = {
@@ -251,6 +261,7 @@ def build_family(
         "qwen3_vl": _QWEN_SPECIALS,
         "llava_onevision": ("<video>", *_QWEN_SPECIALS[:2]),
         "gemma3": (*_GEMMA3_NAMED.values(), "<start_of_turn>", "<end_of_turn>"),
+        "mistral3": _MISTRAL3_SPECIALS,
     }
     tokenizer = make_tokenizer(specials.get(kind, _IDEFICS3_SPECIALS), _GEMMA3_NAMED if kind == "gemma3" else None)
     token = tokenizer.convert_tokens_to_ids
@@ -410,6 +421,33 @@ def build_family(
         processor = transformers.Gemma3Processor(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=_GEMMA3_TEMPLATE, image_seq_length=4
         )
+    elif kind == "mistral3":  # Pixtral tower (2-D RoPE, any aspect), 2x2 spatial merge, Mistral decoder
+        vision = transformers.PixtralVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=7,
+            head_dim=16,
+        )
+        config = transformers.Mistral3Config(
+            vision_config=vision,
+            text_config=transformers.MistralConfig(**text),
+            image_token_index=token("[IMG]"),
+            spatial_merge_size=2,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+        model = transformers.Mistral3ForConditionalGeneration(config)
+        image_processor = _image_processor(
+            "PixtralImageProcessor", size={"longest_edge": 56}, patch_size={"height": 14, "width": 14}
+        )
+        settings = dict(patch_size=7, spatial_merge_size=2, chat_template=_MISTRAL3_TEMPLATE)
+        if importlib.util.find_spec("torchvision") is not None:
+            processor = transformers.PixtralProcessor(image_processor, tokenizer, **settings)
+        else:
+            processor = PixtralFiles(image_processor, tokenizer, **settings)
     else:
         raise ValueError(f"kind must be one of {', '.join(('llava', 'llava_next', *NEW_FAMILIES))}, got {kind!r}")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -463,3 +501,27 @@ def _image_only(name: str, image_processor, tokenizer, chat_template: str, **kwa
     from .load import image_only_processor_class
 
     return image_only_processor_class(name)(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+class PixtralFiles:
+    """Mistral 3's processor files without the processor: PixtralProcessor imports torchvision, so where it is
+    missing the tiny checkpoint is saved with its image processor, tokenizer, chat template and the
+    ``processor_config.json`` PixtralProcessor would write (a machine with torchvision loads it with
+    AutoProcessor); tests/conftest.py has a stand-in that processes like it."""
+
+    def __init__(self, image_processor, tokenizer, chat_template, **settings):  # PixtralProcessor's arguments
+        self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template
+        self.settings = dict(
+            settings, image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]"
+        )
+
+    def save_pretrained(self, path):
+        import json
+
+        path = Path(path)
+        self.tokenizer.save_pretrained(path)
+        image = self.image_processor.to_dict()
+        image["image_processor_type"] = "PixtralImageProcessor"
+        config = {"processor_class": "PixtralProcessor", "image_processor": image, **self.settings}
+        (path / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (path / "chat_template.jinja").write_text(self.chat_template)

@@ -9,10 +9,10 @@ from functools import cache
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image, tiny_dir
+from conftest import image, processor_for, tiny_dir
 from oracle import oracle_hooks
 
-from shortv_export.calibrate import _kl, calibrate, load_model, text_model, visual_token_ids
+from shortv_export.calibrate import _kl, calibrate, load_base_model, text_model, visual_token_ids
 from shortv_export.cli import main
 from shortv_export.data import (
     CAPTION_PROMPT,
@@ -31,7 +31,8 @@ LAYERS = 12
 
 @cache
 def model_and_processor(kind: str, dtype: str = "fp64", text: str = "llama"):
-    return load_model(resolve_model(str(tiny_dir(kind, LAYERS, text))), device="cpu", dtype=dtype)
+    source = resolve_model(str(tiny_dir(kind, LAYERS, text)))
+    return load_base_model(source, device="cpu", dtype=dtype), processor_for(source.path)
 
 
 def brute_force_lc(model, processor, samples, rows: str = "visual") -> tuple[list[float], int]:

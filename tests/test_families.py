@@ -1,19 +1,21 @@
-"""The families beyond LLaVA-1.5 / LLaVA-NeXT (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM), end to end:
-the CLI calibrates, writes and verifies (a fresh process loads the folder with AutoModelForImageTextToText and
-trust_remote_code, generates with and without the cache); the folder, loaded the same way here, equals the oracle
-on a padded batch with several images; videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) freeze like
-images and equal the oracle, generation included; a dry run counts the FLOPs at the family's token counts. The model-level
-exactness tests (eager/SDPA, padding, several images, generation) are test_modeling.py and test_generation.py,
-and LC == brute force is test_calibrate.py, all over ``tiny.FAMILIES``."""
+"""The families beyond LLaVA-1.5 / LLaVA-NeXT (``tiny.NEW_FAMILIES``), end to end: the CLI calibrates, writes and
+verifies (a fresh process loads the folder with AutoModelForImageTextToText and trust_remote_code, generates with
+and without the cache); the folder, loaded the same way here, equals the oracle on a padded batch with several
+images; videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) freeze like images and equal the oracle,
+generation included; a dry run counts the FLOPs at the family's token counts. Mistral 3's processor needs
+torchvision: without it, the written folder is checked with a stand-in processor and calibration fails with one
+line naming torchvision. The model-level exactness tests (eager/SDPA, padding, several images, generation) are
+test_modeling.py and test_generation.py, and LC == brute force is test_calibrate.py, all over ``tiny.FAMILIES``."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import batch, image, prompt, tiny_dir
+from conftest import batch, image, processor_for, prompt, tiny_dir
 from oracle import oracle_hooks
 from transformers import AutoModelForImageTextToText
 
@@ -22,23 +24,46 @@ from shortv_export.load import load_processor
 from shortv_export.models import SUPPORTED, load_shortv
 from shortv_export.tiny import NEW_FAMILIES
 
+TORCHVISION = importlib.util.find_spec("torchvision") is not None
+CLI_FAMILIES = [kind for kind in NEW_FAMILIES if kind != "mistral3" or TORCHVISION]
 
-@pytest.mark.parametrize("kind", NEW_FAMILIES)
+
+@pytest.mark.parametrize("kind", CLI_FAMILIES)
 def test_cli_converts_verifies_and_the_folder_equals_the_oracle(kind, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [str(tiny_dir(kind)), "--n", "3", "--samples", "4", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "verified:" in result.output and "generating with the cache matches without it" in result.output
-    config = json.loads((out / "config.json").read_text())
     lc = json.loads((out / "lc.json").read_text())
+    check_folder(kind, out, lc["order"][:3])
+
+
+@pytest.mark.skipif(TORCHVISION, reason="the stand-in is for machines without torchvision")
+def test_mistral3_without_torchvision_writes_a_folder_that_equals_the_oracle_and_says_what_calibration_needs(
+    tmp_path,
+):
+    folder = tiny_dir("mistral3")
+    result = CliRunner().invoke(main, [str(folder), "--n", "3", "--samples", "4", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0
+    assert "does not load: PixtralProcessor requires the Torchvision library" in result.output
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(folder), "--layers", "4,1,3", "--no-verify", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    check_folder("mistral3", out, [4, 1, 3])
+
+
+def check_folder(kind: str, out, layers: list[int]) -> None:
+    """The written folder: config, model files, card; loaded with the auto class and remote code, it equals the
+    oracle on a padded batch of two prompts with three images."""
+    config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == f"shortv_{kind}"
-    assert config["shortv_layers"] == lc["order"][:3]
+    assert config["shortv_layers"] == layers
     family = SUPPORTED[kind]
     assert {"configuration_shortv.py", "modeling_shortv.py", family.modeling_file} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert family.modeling_file in card and f"- {kind}" in card
 
-    layers = config["shortv_layers"]
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, attn_implementation="sdpa")
     assert type(model).__name__ == family.model_cls.__name__
     stock = AutoModelForImageTextToText.from_pretrained(tiny_dir(kind), attn_implementation="sdpa")
@@ -46,7 +71,7 @@ def test_cli_converts_verifies_and_the_folder_equals_the_oracle(kind, tmp_path):
         ("how many shapes are there ?", [image(40, 50, 0), image(64, 32, 1)]),
         ("what is this ?", [image(30, 90, 2)]),
     ]
-    inputs = batch(load_processor(out), rows, "left")
+    inputs = batch(processor_for(out), rows, "left")
     keep = inputs["attention_mask"].bool()
     with torch.no_grad():
         ours = model.eval()(**inputs).logits

@@ -13,12 +13,11 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import batch, image, prompt, tiny_dir
+from conftest import batch, image, processor_for, prompt, tiny_dir
 from oracle import oracle_hooks
 from transformers import AutoModelForImageTextToText
 
 from shortv_export.compat import cache_kwarg, output_cache
-from shortv_export.load import load_processor
 from shortv_export.models import load_shortv
 from shortv_export.tiny import FAMILIES, NEW_FAMILIES
 
@@ -47,7 +46,7 @@ def params(frozen=None, models=None):
 
 @cache
 def processor(kind):
-    return load_processor(tiny_dir(kind))  # the image-only processor where torchvision is missing
+    return processor_for(tiny_dir(kind))  # the image-only processor where torchvision is missing
 
 
 @cache

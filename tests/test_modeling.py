@@ -7,11 +7,10 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import batch, image, tiny_dir
+from conftest import batch, image, processor_for, tiny_dir
 from oracle import oracle_hooks
 from transformers import AutoModelForImageTextToText
 
-from shortv_export.load import load_processor
 from shortv_export.models import load_shortv
 from shortv_export.tiny import FAMILIES
 
@@ -41,7 +40,7 @@ def cases(kind: str) -> dict[str, tuple[list, str]]:
 
 @cache
 def processor(kind):
-    return load_processor(tiny_dir(kind))  # the image-only processor where torchvision is missing
+    return processor_for(tiny_dir(kind))  # the image-only processor where torchvision is missing
 
 
 @cache
