@@ -23,12 +23,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import batch  # noqa: E402
+from conftest import batch, processor_for  # noqa: E402
 from oracle import oracle_hooks  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
 from shortv_export.calibrate import visual_token_ids  # noqa: E402
-from shortv_export.load import load_processor  # noqa: E402
 from shortv_export.models import load_shortv  # noqa: E402
 from shortv_export.tiny import FAMILIES, save_tiny  # noqa: E402
 
@@ -50,7 +49,7 @@ def inputs_for(processor):
 
 @torch.no_grad()
 def measure(folder: Path) -> dict:
-    processor = load_processor(folder)
+    processor = processor_for(folder)
     inputs = inputs_for(processor)
     keep = inputs["attention_mask"].bool()
     row = {}
