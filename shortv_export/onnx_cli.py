@@ -16,9 +16,9 @@ import click
 def main(folder, image_path, prompt, max_new_tokens, provider):
     """Greedy answer from FOLDER's ONNX graphs (written by `shortv-export ... --onnx`)."""
     from PIL import Image, UnidentifiedImageError
-    from transformers import AutoProcessor
 
-    from .data import format_prompt
+    from .data import NESTED_IMAGES, format_prompt
+    from .load import load_processor
     from .onnx_runtime import ShortVOnnxModel
 
     try:
@@ -27,8 +27,9 @@ def main(folder, image_path, prompt, max_new_tokens, provider):
     except (FileNotFoundError, ValueError, UnidentifiedImageError, OSError) as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor(images=[image], text=[format_prompt(processor, prompt)], return_tensors="np")
+    processor = load_processor(folder)
+    images = [[image]] if type(processor).__name__ in NESTED_IMAGES else [image]
+    inputs = processor(images=images, text=[format_prompt(processor, prompt)], return_tensors="np")
     ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
     answer = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     click.echo(answer.strip())

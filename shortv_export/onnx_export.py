@@ -5,7 +5,8 @@ Three graphs, with optimum's input and output names (``past_key_values.{i}.key|v
 
 - ``vision_encoder.onnx``: ``pixel_values`` [images, 3, H, W] -> ``image_features`` [images, tokens, hidden]
   (vision tower, feature layer and strategy, projector). LLaVA-NeXT also returns ``image_newline`` [hidden]:
-  the runner does the anyres unpadding and packing, which depend on each image's size.
+  the runner does the anyres unpadding and packing, which depend on each image's size. Idefics3 / SmolVLM take
+  tiles and ``pixel_attention_mask`` [tiles, H, W] (the processor's split, padding tiles dropped by the runner).
 - ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds``.
 - ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` [batch, past + seq], ``position_ids``,
   ``text_index`` [batch, text] (each row's non-image positions; rows with fewer repeat their last one) and
@@ -69,6 +70,29 @@ class _VisionEncoder(nn.Module):
         return features, self.image_newline * 1  # an output of its own (a node, not a bare initializer)
 
 
+class _TileEncoder(nn.Module):
+    """Idefics3 / SmolVLM: image tiles to projected features, as Idefics3Model.get_image_features computes them
+    for the real (non-padding) tiles: ``pixel_values`` [tiles, 3, H, W] and ``pixel_attention_mask`` [tiles, H, W]
+    -> ``image_features`` [tiles, tokens, hidden] (the runner drops padding tiles first)."""
+
+    def __init__(self, model):
+        super().__init__()
+        inner = model.model
+        self.vision_model = inner.vision_model
+        self.connector = inner.connector
+        self.patch = model.config.vision_config.patch_size
+
+    def forward(self, pixel_values, pixel_attention_mask):
+        p = self.patch
+        patches = pixel_attention_mask.unfold(1, p, p).unfold(2, p, p)
+        patch_mask = patches.sum(dim=(-1, -2)) > 0
+        hidden = self.vision_model(pixel_values=pixel_values, patch_attention_mask=patch_mask).last_hidden_state
+        return self.connector(hidden)
+
+
+TILED = ("idefics3", "smolvlm")  # families whose vision graph takes tiles and their pixel masks
+
+
 class _Embed(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -86,7 +110,7 @@ class _Decoder(nn.Module):
         from .compat import cache_kwarg
         from .modeling.modeling_shortv import attention_types
 
-        self.lm = model.model.language_model
+        self.lm = model.model.shortv_text_model()
         self.lm_head = model.lm_head
         self.num_layers = len(self.lm.layers)
         self.frozen = list(model.model.shortv_layers)
@@ -201,11 +225,10 @@ def export_onnx(
     bar.close()
     report = ExportReport(out, {})
     if validate:  # PyTorch's side first, so that the model is gone before ONNX Runtime loads the graphs
-        from transformers import AutoProcessor
-
+        from .load import load_processor
         from .onnx_validate import sample_inputs, torch_reference, validate_export
 
-        inputs = sample_inputs(AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True))
+        inputs = sample_inputs(load_processor(checkpoint))
         reference = torch_reference(model, inputs)
         del model
         gc.collect()
@@ -383,6 +406,8 @@ def _first_line(err: Exception, limit: int = 300) -> str:
 
 
 def _export_vision(model, out: Path) -> dict:
+    if model.config.model_type.removeprefix("shortv_") in TILED:
+        return _export_tiles(model, out)
     module = _VisionEncoder(model)
     size = model.config.vision_config.image_size
     dtype = next(model.parameters()).dtype
@@ -398,6 +423,28 @@ def _export_vision(model, out: Path) -> dict:
     }
     if module.image_newline is not None:
         io["outputs"]["image_newline"] = {"shape": [hidden], "dtype": _name(dtype), "doc": "LLaVA-NeXT row end"}
+    return {"vision_encoder": {"file": GRAPHS[0], **io}}
+
+
+def _export_tiles(model, out: Path) -> dict:
+    module = _TileEncoder(model)
+    size = model.config.vision_config.image_size
+    dtype = next(model.parameters()).dtype
+    pixels = torch.randn(2, 3, size, size, dtype=dtype)
+    mask = torch.ones(2, size, size, dtype=torch.bool)
+    mask[1, :, size // 2 :] = False  # a padded tile, so the graph keeps the mask's path
+    dim = torch.export.Dim.DYNAMIC
+    axes = {"pixel_values": {0: "tiles"}, "pixel_attention_mask": {0: "tiles"}, "image_features": {0: "tiles"}}
+    names = ["pixel_values", "pixel_attention_mask"]
+    _export(module, (pixels, mask), out / GRAPHS[0], names, ["image_features"], ({0: dim}, {0: dim}), axes)
+    hidden = model.config.text_config.hidden_size
+    io = {
+        "inputs": {
+            "pixel_values": {"shape": ["tiles", 3, size, size], "dtype": _name(dtype)},
+            "pixel_attention_mask": {"shape": ["tiles", size, size], "dtype": "bool"},
+        },
+        "outputs": {"image_features": {"shape": ["tiles", "image_tokens", hidden], "dtype": _name(dtype)}},
+    }
     return {"vision_encoder": {"file": GRAPHS[0], **io}}
 
 

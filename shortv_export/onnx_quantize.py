@@ -71,12 +71,12 @@ def agreement(onnx_dir: Path, quantized: Path, checkpoint: Path, samples: int = 
     """Top-1 agreement and mean KL of the next-token distribution, quantized vs unquantized decoder, at the last
     position of ``samples`` embedded calibration prompts."""
     import onnxruntime as ort
-    from transformers import AutoProcessor
 
     from .data import load_calibration, prompt_batch
+    from .load import load_processor
     from .onnx_runtime import ShortVOnnxModel
 
-    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    processor = load_processor(checkpoint)
     runner = ShortVOnnxModel.from_pretrained(onnx_dir, io_binding=False)
     quantized_session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
     chosen = load_calibration(None).samples[:samples]

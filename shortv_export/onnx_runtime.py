@@ -77,9 +77,12 @@ class ShortVOnnxModel:
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
-    def image_features(self, pixel_values, image_sizes=None) -> list[np.ndarray]:
-        """One [tokens, hidden] array per image, in the order the image tokens appear."""
+    def image_features(self, pixel_values, image_sizes=None, pixel_attention_mask=None) -> list[np.ndarray]:
+        """One [tokens, hidden] array per image (Idefics3 / SmolVLM: per tile), in the order the image tokens
+        appear."""
         pixel_values = np.asarray(pixel_values, dtype=self.dtype)
+        if self.spec["model_type"] in ("idefics3", "smolvlm"):
+            return self._tile_features(pixel_values, pixel_attention_mask)
         if self.spec["model_type"] != "llava_next":
             (features,) = self.vision.run(None, {"pixel_values": pixel_values})
             return list(features)
@@ -98,14 +101,30 @@ class ShortVOnnxModel:
             for a, b, size in zip(starts[:-1], starts[1:], image_sizes, strict=True)
         ]
 
-    def prefill_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None) -> dict:
+    def _tile_features(self, pixel_values, pixel_attention_mask) -> list[np.ndarray]:
+        """Idefics3 / SmolVLM: ``pixel_values`` [rows, max tiles, 3, H, W] as the processor pads them; padding
+        tiles (all zero) are dropped, as the model drops them, and each real tile gives its [tokens, hidden]."""
+        tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        if pixel_attention_mask is None:
+            masks = np.ones((len(tiles), *tiles.shape[-2:]), dtype=bool)
+        else:
+            masks = np.asarray(pixel_attention_mask, dtype=bool).reshape(-1, *tiles.shape[-2:])
+        real = (tiles != 0).reshape(len(tiles), -1).any(-1)
+        if not real.any():
+            return []
+        (features,) = self.vision.run(None, {"pixel_values": tiles[real], "pixel_attention_mask": masks[real]})
+        return list(features)
+
+    def prefill_inputs(
+        self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, pixel_attention_mask=None
+    ) -> dict:
         """The decoder's feeds for a prompt batch (empty cache)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         (embeds,) = self.embed.run(None, {"input_ids": input_ids})
         visual = input_ids == self.image_token_id
         if pixel_values is not None:
-            features = self.image_features(pixel_values, image_sizes)
+            features = self.image_features(pixel_values, image_sizes, pixel_attention_mask)
             features = np.concatenate(features) if features else np.zeros((0, embeds.shape[-1]), self.dtype)
             if len(features) != int(visual.sum()):
                 raise ValueError(f"image tokens: {int(visual.sum())}, image features: {len(features)}")
@@ -166,6 +185,7 @@ class ShortVOnnxModel:
         attention_mask=None,
         pixel_values=None,
         image_sizes=None,
+        pixel_attention_mask=None,
         *,
         max_new_tokens: int = 20,
         do_sample: bool | None = None,
@@ -192,7 +212,7 @@ class ShortVOnnxModel:
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         rng = np.random.default_rng(seed)
-        feeds = self.prefill_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+        feeds = self.prefill_inputs(input_ids, attention_mask, pixel_values, image_sizes, pixel_attention_mask)
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = feeds["attention_mask"]
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id

@@ -50,7 +50,7 @@ def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str,
     cache = output_cache(out)
     ref = {
         "logits": out.logits[:, -1].float().cpu().numpy(),
-        "hidden": model.model.language_model.norm(out.hidden_states[-1]).float().cpu().numpy(),
+        "hidden": model.model.shortv_text_model().norm(out.hidden_states[-1]).float().cpu().numpy(),
     }
     for i, layer in enumerate(cache.layers):
         ref[f"present.{i}.key"] = layer.keys.float().cpu().numpy()

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import batch, image, tiny_dir
+from conftest import batch, image, processor_for, tiny_dir
 from transformers import AutoProcessor
 
 from shortv_export.cli import main
@@ -47,6 +47,11 @@ def exported(tmp_path_factory):
 
 
 def _rows(kind):
+    if kind in ("idefics3", "smolvlm"):  # split into tiles plus a global view; two images in the first row
+        return [
+            ("what is in the picture on the left side", [image(30, 30, 1), image(60, 25, 3)]),
+            ("colour?", [image(40, 20, 2)]),
+        ]
     if kind == "llava_next":  # non-square, different sizes: different image-token counts per row
         return [("what is in the picture on the left side", [image(50, 23, 1)]), ("colour?", [image(19, 44, 2)])]
     return [("what is in the picture on the left side", [image(30, 30, 1)]), ("colour?", [image(40, 20, 2)])]
@@ -54,13 +59,14 @@ def _rows(kind):
 
 # Llama everywhere; Mistral (every layer slides) and Qwen2 (layers 2+ slide) with windows shorter than the prompts
 MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
+MODELS += [("idefics3", "llama"), ("smolvlm", "llama")]  # image tiles and their pixel masks through the vision graph
 model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
 
 
 @model_params
 def test_prefill_and_kv_cache_match_pytorch(exported, kind, text):
     out, model, report = exported(kind, text=text)
-    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    processor = processor_for(out)
     inputs = batch(processor, _rows(kind))
     runner = ShortVOnnxModel.from_pretrained(out, io_binding=False)
     ref = torch_reference(model, inputs, steps=0)
@@ -87,7 +93,7 @@ def test_prefill_and_kv_cache_match_pytorch(exported, kind, text):
 @model_params
 def test_greedy_generation_matches_pytorch(exported, kind, text):
     out, model, _ = exported(kind, text=text)
-    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    processor = processor_for(out)
     inputs = batch(processor, _rows(kind))
     assert (inputs["attention_mask"] == 0).any()  # a padded batch
     runner = ShortVOnnxModel.from_pretrained(out, provider="cpu")
@@ -217,10 +223,11 @@ def test_unknown_provider_is_a_clear_error(exported):
         ShortVOnnxModel.from_pretrained(tiny_dir("llava"))
 
 
-def test_cli_exports_and_answers(tmp_path):
+@pytest.mark.parametrize("kind", ["llava", "smolvlm"])
+def test_cli_exports_and_answers(tmp_path, kind):
     out = tmp_path / "ckpt"
     result = CliRunner().invoke(
-        main, [str(tiny_dir("llava")), "--layers", "2,0", "--onnx", "--out", str(out), "--no-verify"]
+        main, [str(tiny_dir(kind)), "--layers", "2,0", "--onnx", "--out", str(out), "--no-verify"]
     )
     assert result.exit_code == 0, result.output
     assert "ONNX Runtime vs PyTorch" in result.output and "tolerance" in result.output
@@ -249,14 +256,15 @@ def test_cli_exports_and_answers(tmp_path):
     )
     assert answer.returncode == 0, answer.stderr
     # The answer is what the PyTorch checkpoint says.
-    model = load_shortv(tiny_dir("llava"), [2, 0]).eval()
-    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    model = load_shortv(tiny_dir(kind), [2, 0]).eval()
+    processor = processor_for(out)
     from PIL import Image
 
-    from shortv_export.data import format_prompt
+    from shortv_export.data import NESTED_IMAGES, format_prompt
 
+    picture = Image.open(tmp_path / "img.png").convert("RGB")
     inputs = processor(
-        images=[Image.open(tmp_path / "img.png").convert("RGB")],
+        images=[[picture]] if type(processor).__name__ in NESTED_IMAGES else [picture],
         text=[format_prompt(processor, "what colour is it")],
         return_tensors="pt",
     )
