@@ -23,6 +23,7 @@ import re
 
 import torch
 import transformers
+from torch import nn
 from transformers import DynamicCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
@@ -293,6 +294,10 @@ class ShortVModelMixin:
     visual_token_keys = ("image_token_id",)
     pixel_keys = ("pixel_values",)
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._shortv_init()
+
     def shortv_text_model(self):
         """The decoder: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""
         return self.language_model if "language_model" in self._modules else self.text_model
@@ -407,6 +412,20 @@ class ShortVModelMixin:
                 n_visual,
             )
         return super().forward(**kwargs)
+
+
+class ShortVForConditionalGenerationMixin:
+    """Over a stock ``...ForConditionalGeneration``: its ``__init__`` with ``shortv_model_class`` (the family's
+    ShortV model) in place of the stock model, which the stock ``__init__`` would build."""
+
+    shortv_model_class: type
+
+    def __init__(self, config):
+        pretrained = next(c for c in type(self).__mro__ if c.__name__.endswith("PreTrainedModel"))
+        pretrained.__init__(self, config)  # the family's PreTrainedModel: config, attention backend, ...
+        self.model = self.shortv_model_class(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
 
 def mirror_weight_renames(pairs) -> None:

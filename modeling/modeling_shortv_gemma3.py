@@ -11,35 +11,24 @@ type); the stock mask lets an image's tokens attend to each other both ways, whi
 so the text queries' rows are the plain causal (global layers) or sliding-window (local layers) ones.
 """
 
-from torch import nn
 from transformers import Gemma3ForConditionalGeneration, Gemma3Model
-from transformers.models.gemma3.modeling_gemma3 import Gemma3PreTrainedModel
 
 from .configuration_shortv import ShortVGemma3Config
-from .modeling_shortv import ShortVModelMixin, _flags, mirror_weight_renames
+from .modeling_shortv import ShortVForConditionalGenerationMixin, ShortVModelMixin, _flags, mirror_weight_renames
 
 
 class ShortVGemma3Model(ShortVModelMixin, Gemma3Model):
     config_class = ShortVGemma3Config
 
-    def __init__(self, config: ShortVGemma3Config):
-        super().__init__(config)
-        self._shortv_init()
-
     def encode(self, inputs: dict) -> dict:
         return {"image": self.get_image_features(inputs["pixel_values"], return_dict=True, **_flags(inputs))}
 
 
-class ShortVGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
+class ShortVGemma3ForConditionalGeneration(ShortVForConditionalGenerationMixin, Gemma3ForConditionalGeneration):
     """Gemma 3 with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVGemma3Config
-
-    def __init__(self, config: ShortVGemma3Config):
-        Gemma3PreTrainedModel.__init__(self, config)  # the stock __init__ would build a stock Gemma3Model
-        self.model = ShortVGemma3Model(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVGemma3Model
 
 
 mirror_weight_renames(

@@ -8,7 +8,6 @@ Visual rows: the positions of ``config.image_token_id`` (``<image>``), in every 
 ``<row_x_col_y>`` / ``<global-img>`` markers between spans are text. Text model: Llama.
 """
 
-from torch import nn
 from transformers import (
     GenerationConfig,
     Idefics3ForConditionalGeneration,
@@ -16,11 +15,9 @@ from transformers import (
     SmolVLMForConditionalGeneration,
     SmolVLMModel,
 )
-from transformers.models.idefics3.modeling_idefics3 import Idefics3PreTrainedModel
-from transformers.models.smolvlm.modeling_smolvlm import SmolVLMPreTrainedModel
 
 from .configuration_shortv import ShortVIdefics3Config, ShortVSmolVLMConfig
-from .modeling_shortv import ShortVModelMixin, mirror_weight_renames
+from .modeling_shortv import ShortVForConditionalGenerationMixin, ShortVModelMixin, mirror_weight_renames
 
 
 class ShortVIdefics3ModelMixin(ShortVModelMixin):
@@ -32,46 +29,34 @@ class ShortVIdefics3ModelMixin(ShortVModelMixin):
 class ShortVIdefics3Model(ShortVIdefics3ModelMixin, Idefics3Model):
     config_class = ShortVIdefics3Config
 
-    def __init__(self, config: ShortVIdefics3Config):
-        super().__init__(config)
-        self._shortv_init()
-
 
 class ShortVSmolVLMModel(ShortVIdefics3ModelMixin, SmolVLMModel):
     config_class = ShortVSmolVLMConfig
 
-    def __init__(self, config: ShortVSmolVLMConfig):
-        super().__init__(config)
-        self._shortv_init()
 
-
-class ShortVIdefics3ForConditionalGeneration(Idefics3ForConditionalGeneration):
+class ShortVIdefics3ForConditionalGeneration(ShortVForConditionalGenerationMixin, Idefics3ForConditionalGeneration):
     """Idefics3 with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVIdefics3Config
+    shortv_model_class = ShortVIdefics3Model
 
     def __init__(self, config: ShortVIdefics3Config):
-        Idefics3PreTrainedModel.__init__(self, config)  # the stock __init__ would build a stock Idefics3Model
-        self.model = ShortVIdefics3Model(config)
-        self.image_token_id = self.config.image_token_id
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        super().__init__(config)
+        self.image_token_id = self.config.image_token_id  # as the stock __init__ sets them
         self.vocab_size = config.text_config.vocab_size
-        self.post_init()
 
 
-class ShortVSmolVLMForConditionalGeneration(SmolVLMForConditionalGeneration):
+class ShortVSmolVLMForConditionalGeneration(ShortVForConditionalGenerationMixin, SmolVLMForConditionalGeneration):
     """SmolVLM with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVSmolVLMConfig
+    shortv_model_class = ShortVSmolVLMModel
 
     def __init__(self, config: ShortVSmolVLMConfig):
-        SmolVLMPreTrainedModel.__init__(self, config)
-        self.model = ShortVSmolVLMModel(config)
-        self.model.text_model.generation_config = GenerationConfig.from_model_config(config)
-        self.image_token_id = self.config.image_token_id
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        super().__init__(config)
+        self.image_token_id = self.config.image_token_id  # as the stock __init__ sets them
         self.vocab_size = config.text_config.vocab_size
-        self.post_init()
+        self.model.text_model.generation_config = GenerationConfig.from_model_config(config)
 
 
 mirror_weight_renames(

@@ -10,7 +10,6 @@ newline features included, all placed on image tokens); LLaVA-OneVision, those o
 each row and the final ``[IMG_END]`` are text). Text models: Llama, Mistral, Qwen2 (OneVision's).
 """
 
-from torch import nn
 from transformers import (
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -21,10 +20,6 @@ from transformers import (
     Mistral3ForConditionalGeneration,
     Mistral3Model,
 )
-from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
-from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
-from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionPreTrainedModel
-from transformers.models.mistral3.modeling_mistral3 import Mistral3PreTrainedModel
 
 from .configuration_shortv import (
     ShortVLlavaConfig,
@@ -32,15 +27,11 @@ from .configuration_shortv import (
     ShortVLlavaOnevisionConfig,
     ShortVMistral3Config,
 )
-from .modeling_shortv import ShortVModelMixin, _flags, mirror_weight_renames
+from .modeling_shortv import ShortVForConditionalGenerationMixin, ShortVModelMixin, _flags, mirror_weight_renames
 
 
 class ShortVLlavaModel(ShortVModelMixin, LlavaModel):
     config_class = ShortVLlavaConfig
-
-    def __init__(self, config: ShortVLlavaConfig):
-        super().__init__(config)
-        self._shortv_init()
 
     def encode(self, inputs: dict) -> dict:
         image = self.get_image_features(
@@ -57,10 +48,6 @@ class ShortVLlavaModel(ShortVModelMixin, LlavaModel):
 class ShortVLlavaNextModel(ShortVModelMixin, LlavaNextModel):
     config_class = ShortVLlavaNextConfig
 
-    def __init__(self, config: ShortVLlavaNextConfig):
-        super().__init__(config)
-        self._shortv_init()
-
     encode = ShortVLlavaModel.encode
 
 
@@ -68,10 +55,6 @@ class ShortVLlavaOnevisionModel(ShortVModelMixin, LlavaOnevisionModel):
     config_class = ShortVLlavaOnevisionConfig
     visual_token_keys = ("image_token_id", "video_token_id")
     pixel_keys = ("pixel_values", "pixel_values_videos")
-
-    def __init__(self, config: ShortVLlavaOnevisionConfig):
-        super().__init__(config)
-        self._shortv_init()
 
     def encode(self, inputs: dict) -> dict:
         encoded = {}
@@ -92,10 +75,6 @@ class ShortVLlavaOnevisionModel(ShortVModelMixin, LlavaOnevisionModel):
 class ShortVMistral3Model(ShortVModelMixin, Mistral3Model):
     config_class = ShortVMistral3Config
 
-    def __init__(self, config: ShortVMistral3Config):
-        super().__init__(config)
-        self._shortv_init()
-
     def encode(self, inputs: dict) -> dict:
         image = self.get_image_features(
             pixel_values=inputs["pixel_values"],
@@ -106,52 +85,34 @@ class ShortVMistral3Model(ShortVModelMixin, Mistral3Model):
         return {"image": image}
 
 
-class ShortVLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class ShortVLlavaForConditionalGeneration(ShortVForConditionalGenerationMixin, LlavaForConditionalGeneration):
     """LLaVA with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVLlavaConfig
-
-    def __init__(self, config: ShortVLlavaConfig):
-        LlavaPreTrainedModel.__init__(self, config)  # the stock __init__ would build a stock LlavaModel
-        self.model = ShortVLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVLlavaModel
 
 
-class ShortVLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class ShortVLlavaNextForConditionalGeneration(ShortVForConditionalGenerationMixin, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVLlavaNextConfig
-
-    def __init__(self, config: ShortVLlavaNextConfig):
-        LlavaNextPreTrainedModel.__init__(self, config)
-        self.model = ShortVLlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVLlavaNextModel
 
 
-class ShortVLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+class ShortVLlavaOnevisionForConditionalGeneration(
+    ShortVForConditionalGenerationMixin, LlavaOnevisionForConditionalGeneration
+):
     """LLaVA-OneVision with visual tokens (image and video) frozen in ``config.shortv_layers``."""
 
     config_class = ShortVLlavaOnevisionConfig
-
-    def __init__(self, config: ShortVLlavaOnevisionConfig):
-        LlavaOnevisionPreTrainedModel.__init__(self, config)
-        self.model = ShortVLlavaOnevisionModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVLlavaOnevisionModel
 
 
-class ShortVMistral3ForConditionalGeneration(Mistral3ForConditionalGeneration):
+class ShortVMistral3ForConditionalGeneration(ShortVForConditionalGenerationMixin, Mistral3ForConditionalGeneration):
     """Mistral 3 with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVMistral3Config
-
-    def __init__(self, config: ShortVMistral3Config):
-        Mistral3PreTrainedModel.__init__(self, config)
-        self.model = ShortVMistral3Model(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVMistral3Model
 
 
 # Hub checkpoints store legacy weight names that transformers renames on load (and back on save) for the stock

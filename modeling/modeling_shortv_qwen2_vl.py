@@ -14,7 +14,6 @@ after each of the first decoder layers, by the stock text model between layers, 
 rows get them too, exactly as the dense model's do.
 """
 
-from torch import nn
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLModel,
@@ -23,12 +22,9 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLModel,
 )
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPreTrainedModel
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLPreTrainedModel
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel
 
 from .configuration_shortv import ShortVQwen2_5_VLConfig, ShortVQwen2VLConfig, ShortVQwen3VLConfig
-from .modeling_shortv import ShortVModelMixin, _flags, mirror_weight_renames
+from .modeling_shortv import ShortVForConditionalGenerationMixin, ShortVModelMixin, _flags, mirror_weight_renames
 
 
 class ShortVQwen2VLModelMixin(ShortVModelMixin):
@@ -51,61 +47,34 @@ class ShortVQwen2VLModelMixin(ShortVModelMixin):
 class ShortVQwen2VLModel(ShortVQwen2VLModelMixin, Qwen2VLModel):
     config_class = ShortVQwen2VLConfig
 
-    def __init__(self, config: ShortVQwen2VLConfig):
-        super().__init__(config)
-        self._shortv_init()
-
 
 class ShortVQwen2_5_VLModel(ShortVQwen2VLModelMixin, Qwen2_5_VLModel):
     config_class = ShortVQwen2_5_VLConfig
-
-    def __init__(self, config: ShortVQwen2_5_VLConfig):
-        super().__init__(config)
-        self._shortv_init()
 
 
 class ShortVQwen3VLModel(ShortVQwen2VLModelMixin, Qwen3VLModel):
     config_class = ShortVQwen3VLConfig
 
-    def __init__(self, config: ShortVQwen3VLConfig):
-        super().__init__(config)
-        self._shortv_init()
 
-
-class ShortVQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+class ShortVQwen2VLForConditionalGeneration(ShortVForConditionalGenerationMixin, Qwen2VLForConditionalGeneration):
     """Qwen2-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVQwen2VLConfig
-
-    def __init__(self, config: ShortVQwen2VLConfig):
-        Qwen2VLPreTrainedModel.__init__(self, config)  # the stock __init__ would build a stock Qwen2VLModel
-        self.model = ShortVQwen2VLModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVQwen2VLModel
 
 
-class ShortVQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+class ShortVQwen2_5_VLForConditionalGeneration(ShortVForConditionalGenerationMixin, Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVQwen2_5_VLConfig
-
-    def __init__(self, config: ShortVQwen2_5_VLConfig):
-        Qwen2_5_VLPreTrainedModel.__init__(self, config)
-        self.model = ShortVQwen2_5_VLModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVQwen2_5_VLModel
 
 
-class ShortVQwen3VLForConditionalGeneration(Qwen3VLForConditionalGeneration):
+class ShortVQwen3VLForConditionalGeneration(ShortVForConditionalGenerationMixin, Qwen3VLForConditionalGeneration):
     """Qwen3-VL with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVQwen3VLConfig
-
-    def __init__(self, config: ShortVQwen3VLConfig):
-        Qwen3VLPreTrainedModel.__init__(self, config)
-        self.model = ShortVQwen3VLModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    shortv_model_class = ShortVQwen3VLModel
 
 
 # Qwen/Qwen2-VL-* checkpoints store the pre-v5 weight names that transformers renames on load for these classes.

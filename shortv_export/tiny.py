@@ -132,20 +132,7 @@ def build_tiny(
         patch_size=patch,
         projection_dim=32,
     )
-    text_model = text_config(
-        text,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=init_std,
-    )
+    text_model = text_config(text, **_text_settings(tokenizer, hidden, num_layers, kv_heads, init_std))
     common = dict(
         vision_config=vision,
         text_config=text_model,
@@ -265,19 +252,7 @@ def build_family(
     }
     tokenizer = make_tokenizer(specials.get(kind, _IDEFICS3_SPECIALS), _GEMMA3_NAMED if kind == "gemma3" else None)
     token = tokenizer.convert_tokens_to_ids
-    text = dict(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=init_std,
-    )
+    text = _text_settings(tokenizer, hidden, num_layers, kv_heads, init_std)
     torch.manual_seed(seed)
     if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         head_dim = hidden // 4
@@ -325,15 +300,7 @@ def build_family(
         )
         processor = _image_only(names[2], image_processor, tokenizer, _QWEN_TEMPLATE)
     elif kind == "llava_onevision":
-        vision = transformers.SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-            vision_use_head=False,
-        )
+        vision = _siglip()
         pinpoints = [[28, 56], [56, 28], [56, 56]]
         config = transformers.LlavaOnevisionConfig(
             vision_config=vision,
@@ -398,15 +365,7 @@ def build_family(
         text.update(
             head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=SLIDING_WINDOW, layer_types=kinds
         )
-        vision = transformers.SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-            vision_use_head=False,
-        )
+        vision = _siglip()
         config = transformers.Gemma3Config(
             text_config=text,
             vision_config=vision,
@@ -453,6 +412,38 @@ def build_family(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), processor
+
+
+def _text_settings(tokenizer, hidden: int, num_layers: int, kv_heads: int, init_std: float) -> dict:
+    """The tiny language model's shape, shared by every family: 4 heads, ``kv_heads`` key/value heads."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_std,
+    )
+
+
+def _siglip():
+    """A tiny SigLIP tower (LLaVA-OneVision's and Gemma 3's): 28 px images, 7 px patches, no pooling head."""
+    import transformers
+
+    return transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=7,
+        vision_use_head=False,
+    )
 
 
 def _mrope(head_dim: int) -> list[int]:
