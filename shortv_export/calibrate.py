@@ -113,10 +113,12 @@ def resolve_dtype(dtype: str, device: str | None, device_map: str | None) -> tor
 
 
 def load_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
-    """The base model (stock class, one copy) and its processor, ready for calibration."""
+    """The base model (stock class, one copy) and its processor, ready for calibration. The processor loads first:
+    if it cannot (a missing package), that is said before the weights are read."""
     from .load import load_processor
 
-    return load_base_model(source, device=device, dtype=dtype, device_map=device_map), load_processor(source.path)
+    processor = load_processor(source.path)
+    return load_base_model(source, device=device, dtype=dtype, device_map=device_map), processor
 
 
 def load_base_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
