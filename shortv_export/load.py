@@ -109,7 +109,10 @@ def load_processor(path: str | Path):
     Processors with a video processor (Qwen2-VL, LLaVA-OneVision, SmolVLM) need torchvision to load; without it,
     the same processor class is built without its video processor (images only, all calibration needs)."""
     from transformers import AutoProcessor
+    from transformers.utils import logging
 
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # a ShortV folder's model type is not the processor's: a warning about nothing
     try:  # a stock processor class, never code from the folder (a ShortV folder's code is the model's only)
         return AutoProcessor.from_pretrained(path, trust_remote_code=False)
     except Exception as err:  # transformers raises many types here
@@ -119,6 +122,8 @@ def load_processor(path: str | Path):
             except Exception:
                 pass
         raise ShortVError(f"the processor in {path} does not load: {_short(err)}") from None
+    finally:
+        logging.set_verbosity(level)
 
 
 def image_only_processor(path: str | Path, processor_class: str | None = None):
