@@ -59,16 +59,18 @@ def test_push_end_to_end_then_a_rerun_uploads_nothing(hub, tmp_path):
     assert "hf_good" not in first.stdout + first.stderr + again.stdout + again.stderr  # the token never shows
 
 
-def test_card_parses_and_its_snippet_runs_against_the_pushed_files(hub, tmp_path):
+@pytest.mark.parametrize("kind", ["llava", "gemma3"])  # Gemma 3: another family, whose processor needs no torchvision
+def test_card_parses_and_its_snippet_runs_against_the_pushed_files(hub, tmp_path, kind):
     env = hub_env(hub, tmp_path)
     out = tmp_path / "pushed"
-    result = shortv_export(tiny_dir("llava"), "--layers", "3,1", "--out", out, "--push", env=env)
+    result = shortv_export(tiny_dir(kind), "--layers", "3,1", "--out", out, "--push", env=env)
     assert result.returncode == 0, result.stderr
     assert "me/pushed" in hub.repos  # default repo id: <token user>/<folder name>
     text = hub.repos["me/pushed"].files("main")["README.md"].decode()
     card = ModelCard(text)
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
-    assert {"shortv", "custom_code"} <= set(card.data.tags)
+    assert {"shortv", "custom_code", kind} <= set(card.data.tags)
+    assert {"modeling_shortv.py", f"modeling_shortv_{kind}.py"} <= set(hub.repos["me/pushed"].files("main"))
     for needle in ("`shortv_layers` = [3, 1]", "ratio", "## Verification", "arxiv.org/abs/2504.00502", "--layers"):
         assert needle in text
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
