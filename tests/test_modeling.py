@@ -91,7 +91,11 @@ def test_prefill_logits_and_hidden_states_equal_oracle(kind, text, attn):
             assert max_diff(ours.logits, run(stock, inputs).logits, keep) > 1e-3, name
 
 
-@pytest.mark.parametrize("kind,text", [("llava", "llama"), ("llava_next", "llama"), ("llava", "qwen2_sliding")])
+@pytest.mark.parametrize(
+    "kind,text",
+    [("llava", "llama"), ("llava_next", "llama"), ("llava", "qwen2_sliding")]
+    + [("qwen2_5_vl", "qwen2"), ("qwen3_vl", "qwen2"), ("gemma3", "gemma3"), ("smolvlm", "llama")],
+)
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_half_precision_close_to_oracle(kind, text, dtype):
     shortv, stock = pair(kind, "sdpa", dtype, text=text)
