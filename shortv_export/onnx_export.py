@@ -7,6 +7,8 @@ Three graphs, with optimum's input and output names (``past_key_values.{i}.key|v
   (vision tower, feature layer and strategy, projector). LLaVA-NeXT also returns ``image_newline`` [hidden]:
   the runner does the anyres unpadding and packing, which depend on each image's size. Idefics3 / SmolVLM take
   tiles and ``pixel_attention_mask`` [tiles, H, W] (the processor's split, padding tiles dropped by the runner).
+  Qwen2.5-VL takes patches plus the row/column, window order and window/frame masks the runner computes from
+  ``image_grid_thw`` (``onnx_runtime.qwen_vision_inputs``), and its decoder 3-D ``position_ids`` [3, batch, seq].
 - ``embed_tokens.onnx``: ``input_ids`` -> ``inputs_embeds``.
 - ``decoder_model_merged.onnx``: ``inputs_embeds``, ``attention_mask`` [batch, past + seq], ``position_ids``,
   ``text_index`` [batch, text] (each row's non-image positions; rows with fewer repeat their last one) and
@@ -91,6 +93,38 @@ class _TileEncoder(nn.Module):
 
 
 TILED = ("idefics3", "smolvlm")  # families whose vision graph takes tiles and their pixel masks
+MROPE = ("qwen2_5_vl",)  # families whose decoder takes 3-D (temporal, height, width) position ids
+
+
+class _WindowedVisionEncoder(nn.Module):
+    """Qwen2.5-VL: patches to merged features, as the vision tower computes them, with what its forward derives
+    from ``grid_thw`` in Python loops (which torch.export cannot trace for any grid) given as inputs, computed by
+    the runner: ``pixel_values`` [P, C*T*p*p], ``position_ids`` [P, 2] (each patch's row and column),
+    ``window_index`` [P / m^2] (merge units in window order), ``window_mask`` and ``full_mask`` [P, P] (True:
+    attend; within a window / a frame, in window order) -> ``image_features`` [P / m^2, hidden], processor order.
+    The blocks attend with those masks instead of splitting the sequence per window (the same softmax)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower = model.model.visual
+
+    def forward(self, pixel_values, position_ids, window_index, window_mask, full_mask):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        tower, n = self.tower, pixel_values.shape[0]
+        hidden = tower.permute_input_for_window_attn(tower.patch_embed(pixel_values), window_index, seq_len=n)
+        cos, sin = tower.rotary_pos_emb(hidden, position_ids)
+        cos, sin = (tower.permute_input_for_window_attn(t, window_index, seq_len=n) for t in (cos, sin))
+        for i, block in enumerate(tower.blocks):
+            attn = block.attn
+            qkv = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
+            query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, qkv[2]))
+            mask = full_mask if i in tower.fullatt_block_indexes else window_mask
+            out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
+            hidden = hidden + attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        return tower.merger(hidden)[torch.argsort(window_index)]
 
 
 class _Embed(nn.Module):
@@ -312,6 +346,11 @@ def _runner_config(model, kind) -> dict:
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
     }
+    if kind in MROPE:
+        vision = config.vision_config
+        runner.update(
+            spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size, patch_size=vision.patch_size
+        )
     if kind == "llava_next":
         runner["image_grid_pinpoints"] = config.image_grid_pinpoints
         runner["vision_image_size"] = config.vision_config.image_size
@@ -408,6 +447,8 @@ def _first_line(err: Exception, limit: int = 300) -> str:
 def _export_vision(model, out: Path) -> dict:
     if model.config.model_type.removeprefix("shortv_") in TILED:
         return _export_tiles(model, out)
+    if model.config.model_type.removeprefix("shortv_") in MROPE:
+        return _export_windowed(model, out)
     module = _VisionEncoder(model)
     size = model.config.vision_config.image_size
     dtype = next(model.parameters()).dtype
@@ -448,6 +489,38 @@ def _export_tiles(model, out: Path) -> dict:
     return {"vision_encoder": {"file": GRAPHS[0], **io}}
 
 
+def _export_windowed(model, out: Path) -> dict:
+    from .onnx_runtime import qwen_vision_inputs
+
+    module = _WindowedVisionEncoder(model)
+    vision = model.config.vision_config
+    dtype = next(model.parameters()).dtype
+    grid = [[1, 8, 8], [1, 4, 12]]  # two images, one square, one wide: several windows and frames
+    feeds = qwen_vision_inputs(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(len(feeds["position_ids"]), patch_dim, dtype=dtype)
+    args = (pixels, *(torch.from_numpy(feeds[k]) for k in ("position_ids", "window_index", "window_mask", "full_mask")))
+    units = torch.export.Dim("units", min=1)
+    patches = vision.spatial_merge_size**2 * units
+    shapes = ({0: patches}, {0: patches}, {0: units}, {0: patches, 1: patches}, {0: patches, 1: patches})
+    names = ["pixel_values", "position_ids", "window_index", "window_mask", "full_mask"]
+    axes = {n: {0: "patches"} for n in names} | {"window_index": {0: "units"}, "image_features": {0: "units"}}
+    _export(module, args, out / GRAPHS[0], names, ["image_features"], shapes, axes)
+    hidden = model.config.text_config.hidden_size
+    io = {
+        "inputs": {
+            "pixel_values": {"shape": ["patches", patch_dim], "dtype": _name(dtype)},
+            "position_ids": {"shape": ["patches", 2], "dtype": "int64", "doc": "row, column of each patch"},
+            "window_index": {"shape": ["units"], "dtype": "int64", "doc": "merge units in window order"},
+            "window_mask": {"shape": ["patches", "patches"], "dtype": "bool", "doc": "same window, window order"},
+            "full_mask": {"shape": ["patches", "patches"], "dtype": "bool", "doc": "same frame, window order"},
+        },
+        "outputs": {"image_features": {"shape": ["units", hidden], "dtype": _name(dtype)}},
+        "doc": "inputs from image_grid_thw: shortv_export.onnx_runtime.qwen_vision_inputs",
+    }
+    return {"vision_encoder": {"file": GRAPHS[0], **io}}
+
+
 def _export_embed(model, out: Path) -> dict:
     module = _Embed(model)
     ids = torch.zeros(2, 7, dtype=torch.long)
@@ -473,6 +546,9 @@ def _export_decoder(model, out: Path) -> dict:
     embeds = torch.randn(batch, seq, text.hidden_size, dtype=dtype)
     attention = torch.ones(batch, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(batch, -1).contiguous()
+    mrope = model.config.model_type.removeprefix("shortv_") in MROPE
+    if mrope:  # temporal, height, width rows
+        positions = positions.expand(3, -1, -1).contiguous()
     text_index = torch.tensor([[0, 1, 4, 5, 6], [0, 3, 4, 6, 6]])
     caches = [torch.randn(batch, heads, past, head_dim, dtype=dtype) for _ in range(2 * module.num_layers)]
     names = [f"past_key_values.{i}.{kv}" for i in range(module.num_layers) for kv in ("key", "value")]
@@ -481,7 +557,7 @@ def _export_decoder(model, out: Path) -> dict:
     shapes = (
         {0: d, 1: d},
         {0: d, 1: d},
-        {0: d, 1: d},
+        {1: d, 2: d} if mrope else {0: d, 1: d},
         {0: d, 1: d},
         tuple({0: d, 2: d} for _ in caches),
     )
@@ -505,7 +581,13 @@ def _export_decoder(model, out: Path) -> dict:
     inputs = {
         "inputs_embeds": {"shape": ["batch", "seq", text.hidden_size], "dtype": name},
         "attention_mask": {"shape": ["batch", "past + seq"], "dtype": "int64", "doc": "1 = attend, 0 = padding"},
-        "position_ids": {"shape": ["batch", "seq"], "dtype": "int64", "doc": "cumsum(attention_mask) - 1"},
+        "position_ids": {"shape": ["batch", "seq"], "dtype": "int64", "doc": "cumsum(attention_mask) - 1"}
+        if not mrope
+        else {
+            "shape": [3, "batch", "seq"],
+            "dtype": "int64",
+            "doc": "M-RoPE (temporal, height, width) as get_rope_index makes them; decode: last + 1",
+        },
         "text_index": {
             "shape": ["batch", "text"],
             "dtype": "int64",

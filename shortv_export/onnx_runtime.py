@@ -83,6 +83,8 @@ class ShortVOnnxModel:
         pixel_values = np.asarray(pixel_values, dtype=self.dtype)
         if self.spec["model_type"] in ("idefics3", "smolvlm"):
             return self._tile_features(pixel_values, pixel_attention_mask)
+        if self.spec["model_type"] == "qwen2_5_vl":
+            return self._patch_features(pixel_values, image_sizes)
         if self.spec["model_type"] != "llava_next":
             (features,) = self.vision.run(None, {"pixel_values": pixel_values})
             return list(features)
@@ -115,10 +117,32 @@ class ShortVOnnxModel:
         (features,) = self.vision.run(None, {"pixel_values": tiles[real], "pixel_attention_mask": masks[real]})
         return list(features)
 
+    def _patch_features(self, pixel_values, image_grid_thw) -> list[np.ndarray]:
+        """Qwen2.5-VL: ``pixel_values`` [patches, C*T*p*p] and ``image_grid_thw`` [images, 3] -> one [tokens, hidden]
+        array per image, the window order and masks computed here (``qwen_vision_inputs``)."""
+        if image_grid_thw is None:
+            raise ValueError("Qwen2.5-VL needs image_grid_thw (the processor returns it)")
+        spec, grid = self.spec, np.asarray(image_grid_thw).tolist()
+        feeds = qwen_vision_inputs(grid, spec["spatial_merge_size"], spec["window_size"], spec["patch_size"])
+        (features,) = self.vision.run(None, {"pixel_values": pixel_values, **feeds})
+        counts = [t * h * w // spec["spatial_merge_size"] ** 2 for t, h, w in grid]
+        return np.split(features, np.cumsum(counts)[:-1])
+
     def prefill_inputs(
-        self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, pixel_attention_mask=None
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        pixel_attention_mask=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
     ) -> dict:
-        """The decoder's feeds for a prompt batch (empty cache)."""
+        """The decoder's feeds for a prompt batch (empty cache). Qwen2.5-VL takes ``image_grid_thw`` and
+        ``mm_token_type_ids`` too (as its processor returns them), for its vision inputs and 3-D positions."""
+        mrope = self.spec["model_type"] == "qwen2_5_vl"
+        if mrope:
+            image_sizes = image_grid_thw
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         (embeds,) = self.embed.run(None, {"input_ids": input_ids})
@@ -133,6 +157,12 @@ class ShortVOnnxModel:
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         batch = input_ids.shape[0]
         position_ids = np.where(attention_mask == 0, 0, np.cumsum(attention_mask, axis=1) - 1)
+        if mrope:
+            types = (
+                (input_ids == self.image_token_id).astype(np.int64) if mm_token_type_ids is None else mm_token_type_ids
+            )
+            grid = [] if image_grid_thw is None else np.asarray(image_grid_thw).tolist()
+            position_ids = rope_index(types, attention_mask, grid, self.spec["spatial_merge_size"])
         return {
             "inputs_embeds": embeds,
             "attention_mask": attention_mask,
@@ -186,6 +216,8 @@ class ShortVOnnxModel:
         pixel_values=None,
         image_sizes=None,
         pixel_attention_mask=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
         *,
         max_new_tokens: int = 20,
         do_sample: bool | None = None,
@@ -212,7 +244,15 @@ class ShortVOnnxModel:
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         rng = np.random.default_rng(seed)
-        feeds = self.prefill_inputs(input_ids, attention_mask, pixel_values, image_sizes, pixel_attention_mask)
+        feeds = self.prefill_inputs(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            image_sizes,
+            pixel_attention_mask,
+            image_grid_thw,
+            mm_token_type_ids,
+        )
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = feeds["attention_mask"]
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
@@ -220,7 +260,7 @@ class ShortVOnnxModel:
         pad = pad_token_id if pad_token_id is not None else self.pad_token_id
         pad = pad if pad is not None else (int(eos[0]) if len(eos) else 0)
         unfinished = np.ones(len(ids), dtype=bool)
-        positions = feeds["position_ids"][:, -1:]
+        positions = feeds["position_ids"][..., -1:]  # [B, 1], or [3, B, 1] for M-RoPE
         for _ in range(max_new_tokens):
             logits, _, cache = self.decode(feeds)
             if do_sample:
@@ -299,6 +339,74 @@ def text_index(visual: np.ndarray) -> np.ndarray:
         raise ValueError("a row holds only image tokens; ShortV needs at least one text token per row")
     width = max(len(r) for r in rows)
     return np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows]).astype(np.int64)
+
+
+# -- Qwen2.5-VL's vision inputs and M-RoPE positions, as transformers computes them, in numpy ---------------------
+
+
+def qwen_vision_inputs(grid, merge: int, window: int, patch: int) -> dict[str, np.ndarray]:
+    """The vision graph's inputs for images of ``grid`` [[t, h, w], ...] (patches): each patch's (row, column) in
+    merge-block order, the merge units in window order (``get_vision_window_index``), and which patches attend to
+    which, in window order: within a window, and within a frame (the full-attention blocks)."""
+    unit = merge * merge
+    size = window // merge // patch  # window side in merge units
+    positions, index, cu, offset = [], [], [0], 0
+    for t, h, w in grid:
+        rows = np.repeat(np.arange(h)[:, None], w, 1)
+        cols = np.repeat(np.arange(w)[None, :], h, 0)
+        blocks = [
+            a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1) for a in (rows, cols)
+        ]
+        positions.append(np.tile(np.stack(blocks, -1), (t, 1)))
+        lh, lw = h // merge, w // merge
+        ph, pw = size - lh % size, size - lw % size
+        padded = np.pad(np.arange(t * lh * lw).reshape(t, lh, lw), ((0, 0), (0, ph), (0, pw)), constant_values=-1)
+        nh, nw = (lh + ph) // size, (lw + pw) // size
+        padded = padded.reshape(t, nh, size, nw, size).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, size * size)
+        cu.extend((np.cumsum((padded != -1).sum(-1).reshape(-1)) * unit + cu[-1]).tolist())
+        flat = padded.reshape(-1)
+        index.append(flat[flat != -1] + offset)
+        offset += t * lh * lw
+    window_index = np.concatenate(index).astype(np.int64)
+    order = (window_index[:, None] * unit + np.arange(unit)).reshape(-1)  # patch order after the permutation
+    frames = np.repeat([h * w for _, h, w in grid], [t for t, _, _ in grid])
+    frame = np.repeat(np.arange(len(frames)), frames)[order]
+    window_id = np.searchsorted(np.unique(cu)[1:], np.arange(len(order)), side="right")
+    return {
+        "position_ids": np.concatenate(positions).astype(np.int64),
+        "window_index": window_index,
+        "window_mask": window_id[:, None] == window_id[None, :],
+        "full_mask": frame[:, None] == frame[None, :],
+    }
+
+
+def rope_index(types: np.ndarray, attention_mask: np.ndarray, grid, merge: int) -> np.ndarray:
+    """Qwen2.5-VL's 3-D positions [3, B, S] for images (``get_rope_index``): text counts on in all three rows; an
+    image's tokens take (start, start + row, start + column) and the text after it continues at start + max(rows,
+    columns). ``types``: the processor's mm_token_type_ids (0 text, 1 image); padding gets 0."""
+    batch, seq = types.shape
+    positions = np.zeros((3, batch, seq), np.int64)
+    grids = iter(grid)
+    for b in range(batch):
+        valid = np.asarray(attention_mask[b]).astype(bool)
+        kinds = np.asarray(types[b])[valid]
+        pieces, current, i = [], 0, 0
+        while i < len(kinds):
+            j = i
+            while j < len(kinds) and kinds[j] == kinds[i]:
+                j += 1
+            if kinds[i] == 0:
+                pieces.append(np.arange(j - i)[None].repeat(3, 0) + current)
+                current += j - i
+            else:
+                t, h, w = next(grids)
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // merge), np.arange(w // merge), indexing="ij")
+                pieces.append(np.stack([a.reshape(-1) for a in (tt, hh, ww)]) + current)
+                current += max(h, w) // merge
+            i = j
+        if pieces:
+            positions[:, b, valid] = np.concatenate(pieces, 1)
+    return positions
 
 
 # -- LLaVA-NeXT anyres, as transformers' modeling_llava_next does it, in numpy ----------------------------------

@@ -44,7 +44,8 @@ def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str,
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     mask = inputs["attention_mask"]
-    positions = runner_positions(mask)
+    mrope = "mm_token_type_ids" in inputs  # M-RoPE: the model's own 3-D positions, which the runner computes too
+    positions = None if mrope else runner_positions(mask)
     cache = DynamicCache()  # full layers: the graph keeps every position, sliding windows live in its masks
     out = model(**inputs, position_ids=positions, use_cache=True, output_hidden_states=True, **{cache_kwarg(): cache})
     cache = output_cache(out)
@@ -56,10 +57,13 @@ def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str,
         ref[f"present.{i}.key"] = layer.keys.float().cpu().numpy()
         ref[f"present.{i}.value"] = layer.values.float().cpu().numpy()
     tokens, logits = [out.logits[:, -1].argmax(-1)], []
-    position = positions[:, -1:]
+    position = None if mrope else positions[:, -1:]
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = position + 1
+        if mrope:  # as generate places a new token: its count of tokens, shifted by the prompt's rope delta
+            position = (mask.sum(-1, keepdim=True) - 1 + model.model.rope_deltas).expand(3, -1, -1)
+        else:
+            position = position + 1
         step = model(
             input_ids=tokens[-1][:, None],
             attention_mask=mask,
@@ -106,7 +110,7 @@ def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str
     }
     tokens = reference["tokens"]
     decode_diffs, agree = [], [bool((logits.argmax(-1) == tokens[:, 0]).all())]
-    mask, position = feeds["attention_mask"], feeds["position_ids"][:, -1:]
+    mask, position = feeds["attention_mask"], feeds["position_ids"][..., -1:]
     for step in range(figures["decode_steps"]):
         mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], axis=1)
         position = position + 1

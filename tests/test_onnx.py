@@ -47,6 +47,11 @@ def exported(tmp_path_factory):
 
 
 def _rows(kind):
+    if kind == "qwen2_5_vl":  # native resolution: three grids, two images in the first row
+        return [
+            ("what is in the picture on the left side", [image(30, 30, 1), image(60, 25, 3)]),
+            ("colour?", [image(40, 20, 2)]),
+        ]
     if kind in ("idefics3", "smolvlm"):  # split into tiles plus a global view; two images in the first row
         return [
             ("what is in the picture on the left side", [image(30, 30, 1), image(60, 25, 3)]),
@@ -60,6 +65,7 @@ def _rows(kind):
 # Llama everywhere; Mistral (every layer slides) and Qwen2 (layers 2+ slide) with windows shorter than the prompts
 MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
 MODELS += [("idefics3", "llama"), ("smolvlm", "llama")]  # image tiles and their pixel masks through the vision graph
+MODELS += [("qwen2_5_vl", "qwen2")]  # windowed vision attention from the runner's masks, M-RoPE position ids
 model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
 
 
@@ -223,7 +229,7 @@ def test_unknown_provider_is_a_clear_error(exported):
         ShortVOnnxModel.from_pretrained(tiny_dir("llava"))
 
 
-@pytest.mark.parametrize("kind", ["llava", "smolvlm"])
+@pytest.mark.parametrize("kind", ["llava", "smolvlm", "qwen2_5_vl"])
 def test_cli_exports_and_answers(tmp_path, kind):
     out = tmp_path / "ckpt"
     result = CliRunner().invoke(
