@@ -145,7 +145,7 @@ def image_only_processor(path: str | Path, processor_class: str | None = None):
     name = processor_class or settings.get("processor_class")
     if name is None:
         raise ValueError(f"{path}: no processor_class")
-    base = getattr(transformers, name)
+    base = pixtral_processor_class() if name == "PixtralProcessor" else getattr(transformers, name)
     accepted = set(inspect.signature(base.__init__).parameters) - {
         "self",
         "image_processor",
@@ -156,9 +156,57 @@ def image_only_processor(path: str | Path, processor_class: str | None = None):
     template = path / "chat_template.jinja"
     if template.is_file():
         kwargs["chat_template"] = template.read_text()
-    processor_class = image_only_processor_class(name)
+    processor_class = base if name == "PixtralProcessor" else image_only_processor_class(name)
     image_processor = image_class(**{k: v for k, v in image_settings.items() if k != "image_processor_type"})
     return processor_class(image_processor, AutoTokenizer.from_pretrained(path, trust_remote_code=False), **kwargs)
+
+
+def pixtral_processor_class() -> type:
+    """Mistral 3's PixtralProcessor where its module cannot import (it imports torchvision): the same hooks on
+    transformers' processor machinery. Images are resized to multiples of patch x merge by the PIL image
+    processor; each ``[IMG]`` of the prompt becomes, per row of merged patches, one ``[IMG]`` each and an
+    ``[IMG_BREAK]``, the last one ``[IMG_END]``."""
+    from transformers.processing_utils import ProcessorMixin
+
+    class PixtralProcessor(ProcessorMixin):
+        def __init__(
+            self,
+            image_processor=None,
+            tokenizer=None,
+            patch_size: int = 16,
+            spatial_merge_size: int = 1,
+            chat_template=None,
+            image_token="[IMG]",
+            image_break_token="[IMG_BREAK]",
+            image_end_token="[IMG_END]",
+            **kwargs,
+        ):
+            super().__init__(image_processor, tokenizer, chat_template=chat_template)
+            self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
+            self.image_token, self.image_break_token, self.image_end_token = (
+                image_token,
+                image_break_token,
+                image_end_token,
+            )
+            self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+        def _process_images(self, images, **images_kwargs):
+            images_kwargs["patch_size"] = self.patch_size * self.spatial_merge_size
+            return super()._process_images(images, **images_kwargs)
+
+        def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+            unit = self.patch_size * self.spatial_merge_size
+            height, width = image_inputs["image_sizes"][image_idx]
+            rows = [[self.image_token] * (width // unit) + [self.image_break_token]] * (height // unit)
+            tokens = [token for row in rows for token in row]
+            tokens[-1] = self.image_end_token
+            return "".join(tokens)
+
+        @property
+        def model_input_names(self):
+            return self.tokenizer.model_input_names + self.image_processor.model_input_names + ["image_sizes"]
+
+    return PixtralProcessor
 
 
 def image_only_processor_class(name: str) -> type:

@@ -498,7 +498,7 @@ class PixtralFiles:
     """Mistral 3's processor files without the processor: PixtralProcessor imports torchvision, so where it is
     missing the tiny checkpoint is saved with its image processor, tokenizer, chat template and the
     ``processor_config.json`` PixtralProcessor would write (a machine with torchvision loads it with
-    AutoProcessor); tests/conftest.py has a stand-in that processes like it."""
+    AutoProcessor); ``load.load_processor`` builds a processor that processes like it from these files."""
 
     def __init__(self, image_processor, tokenizer, chat_template, **settings):  # PixtralProcessor's arguments
         self.image_processor, self.tokenizer, self.chat_template = image_processor, tokenizer, chat_template

@@ -55,58 +55,9 @@ def batch(processor, rows: list[tuple[str, list[Image.Image]]], padding_side: st
     return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 
 
-class PixtralStandIn:
-    """What PixtralProcessor does (Mistral 3), for machines without torchvision, which it needs to import: each
-    ``[IMG]`` of the prompt becomes one ``[IMG]`` per merged patch, ``[IMG_BREAK]`` after each row, ``[IMG_END]``
-    after the last; images through the PIL image processor saved with the checkpoint."""
-
-    def __init__(self, folder: Path):
-        import json
-
-        from transformers import AutoTokenizer, PixtralImageProcessorPil
-
-        settings = json.loads((folder / "processor_config.json").read_text())
-        image = {k: v for k, v in settings["image_processor"].items() if k != "image_processor_type"}
-        self.image_processor = PixtralImageProcessorPil(**image)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.chat_template = (folder / "chat_template.jinja").read_text()
-        self.unit = settings["patch_size"] * settings["spatial_merge_size"]
-
-    def apply_chat_template(self, conversation, add_generation_prompt=False, **kwargs):
-        return self.tokenizer.apply_chat_template(
-            conversation, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    def __call__(self, images=None, text=None, return_tensors="pt", padding=False, **kwargs):
-        from transformers import BatchFeature
-
-        texts = [text] if isinstance(text, str) else list(text)
-        pixels = {}
-        if images:
-            pixels = dict(self.image_processor(images=images, return_tensors="pt"))
-            sizes = iter(pixels["image_sizes"].tolist())
-            expanded = []
-            for t in texts:
-                head, *rest = t.split("[IMG]")
-                for tail in rest:
-                    h, w = next(sizes)
-                    rows = [["[IMG]"] * (w // self.unit) + ["[IMG_BREAK]"] for _ in range(h // self.unit)]
-                    rows[-1][-1] = "[IMG_END]"
-                    head += "".join(tok for row in rows for tok in row) + tail
-                expanded.append(head)
-            texts = expanded
-        encoded = self.tokenizer(texts, return_tensors=return_tensors, padding=padding)
-        return BatchFeature({**encoded, **pixels})
-
-
 def processor_for(folder: Path):
-    """The checkpoint's processor as the tool loads it; Mistral 3's stand-in where PixtralProcessor cannot load."""
-    from shortv_export.errors import ShortVError
+    """The checkpoint's processor as the tool loads it (without torchvision: the same processor class without its
+    video processor, or for Mistral 3 load.pixtral_processor_class)."""
     from shortv_export.load import load_processor
 
-    try:
-        return load_processor(folder)
-    except ShortVError:
-        if "mistral3" not in (folder / "config.json").read_text():
-            raise
-        return PixtralStandIn(folder)
+    return load_processor(folder)

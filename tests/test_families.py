@@ -2,14 +2,14 @@
 verifies (a fresh process loads the folder with AutoModelForImageTextToText and trust_remote_code, generates with
 and without the cache); the folder, loaded the same way here, equals the oracle on a padded batch with several
 images; videos (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) freeze like images and equal the oracle,
-generation included; a dry run counts the FLOPs at the family's token counts. Mistral 3's processor needs
-torchvision: without it, the written folder is checked with a stand-in processor and calibration fails with one
-line naming torchvision. The model-level exactness tests (eager/SDPA, padding, several images, generation) are
-test_modeling.py and test_generation.py, and LC == brute force is test_calibrate.py, all over ``tiny.FAMILIES``."""
+generation included; a dry run counts the FLOPs at the family's token counts. Without torchvision (these
+machines), processors load as ``load.load_processor`` builds them: the family's class without its video
+processor, or for Mistral 3 ``load.pixtral_processor_class``. The model-level exactness tests (eager/SDPA,
+padding, several images, generation) are test_modeling.py and test_generation.py, and LC == brute force is
+test_calibrate.py, all over ``tiny.FAMILIES``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -24,11 +24,8 @@ from shortv_export.load import load_processor
 from shortv_export.models import SUPPORTED, load_shortv
 from shortv_export.tiny import NEW_FAMILIES
 
-TORCHVISION = importlib.util.find_spec("torchvision") is not None
-CLI_FAMILIES = [kind for kind in NEW_FAMILIES if kind != "mistral3" or TORCHVISION]
 
-
-@pytest.mark.parametrize("kind", CLI_FAMILIES)
+@pytest.mark.parametrize("kind", NEW_FAMILIES)
 def test_cli_converts_verifies_and_the_folder_equals_the_oracle(kind, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [str(tiny_dir(kind)), "--n", "3", "--samples", "4", "--out", str(out)])
@@ -36,21 +33,6 @@ def test_cli_converts_verifies_and_the_folder_equals_the_oracle(kind, tmp_path):
     assert "verified:" in result.output and "generating with the cache matches without it" in result.output
     lc = json.loads((out / "lc.json").read_text())
     check_folder(kind, out, lc["order"][:3])
-
-
-@pytest.mark.skipif(TORCHVISION, reason="the stand-in is for machines without torchvision")
-def test_mistral3_without_torchvision_writes_a_folder_that_equals_the_oracle_and_says_what_calibration_needs(
-    tmp_path,
-):
-    folder = tiny_dir("mistral3")
-    result = CliRunner().invoke(main, [str(folder), "--n", "3", "--samples", "4", "--out", str(tmp_path / "x")])
-    assert result.exit_code != 0
-    assert "does not load: PixtralProcessor requires the Torchvision library" in result.output
-    assert not (tmp_path / "x").exists()
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(folder), "--layers", "4,1,3", "--no-verify", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    check_folder("mistral3", out, [4, 1, 3])
 
 
 def check_folder(kind: str, out, layers: list[int]) -> None:
