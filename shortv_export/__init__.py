@@ -1,5 +1,5 @@
-"""shortv-export: turn LLaVA checkpoints into standalone ShortV checkpoints (visual tokens frozen in the layers
-calibration finds ineffective).
+"""shortv-export: turn vision-language checkpoints (LLaVA, Qwen-VL, Gemma 3, ...) into standalone ShortV
+checkpoints (visual tokens frozen in the layers calibration finds ineffective).
 
     from shortv_export import convert
     result = convert("llava-hf/llava-1.5-7b-hf", n=19)

@@ -1,4 +1,4 @@
-"""Stage 1, load: resolve MODEL (a local folder or a Hub repo id) and check that it is a supported LLaVA."""
+"""Stage 1, load: resolve MODEL (a local folder or a Hub repo id) and check that it is supported (``SUPPORTED``)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class Source:
 def resolve_model(model: str, *, revision: str | None = None, config_only: bool = False) -> Source:
     """Find MODEL, download it if it is a Hub id (only configs with ``config_only``), and check it.
 
-    Raises ShortVError when it cannot be found or is not a LLaVA / LLaVA-NeXT checkpoint with safetensors.
+    Raises ShortVError when it cannot be found or is not a supported model type (``SUPPORTED``) with safetensors.
     """
     local = Path(model).expanduser()
     if local.is_dir():

@@ -44,7 +44,7 @@ class ConvertResult:
     """What a conversion produced (or, with ``dry_run``, would produce)."""
 
     model_id: str
-    kind: str  # llava or llava_next
+    kind: str  # the base model_type: llava, llava_next, qwen2_5_vl, ... (load.SUPPORTED)
     num_layers: int
     n: int  # layers frozen
     layers: list[int] | None  # frozen layers, lowest LC first (None in a dry run that would calibrate)
