@@ -93,34 +93,39 @@ class _TileEncoder(nn.Module):
 
 
 TILED = ("idefics3", "smolvlm")  # families whose vision graph takes tiles and their pixel masks
-MROPE = ("qwen2_5_vl",)  # families whose decoder takes 3-D (temporal, height, width) position ids
+MROPE = ("qwen2_vl", "qwen2_5_vl")  # families whose decoder takes 3-D (temporal, height, width) position ids
 
 
 class _WindowedVisionEncoder(nn.Module):
-    """Qwen2.5-VL: patches to merged features, as the vision tower computes them, with what its forward derives
-    from ``grid_thw`` in Python loops (which torch.export cannot trace for any grid) given as inputs, computed by
-    the runner: ``pixel_values`` [P, C*T*p*p], ``position_ids`` [P, 2] (each patch's row and column),
+    """Qwen2-VL / Qwen2.5-VL: patches to merged features, as the vision tower computes them, with what its forward
+    derives from ``grid_thw`` in Python loops (which torch.export cannot trace for any grid) given as inputs,
+    computed by the runner: ``pixel_values`` [P, C*T*p*p], ``position_ids`` [P, 2] (each patch's row and column),
     ``window_index`` [P / m^2] (merge units in window order), ``window_mask`` and ``full_mask`` [P, P] (True:
     attend; within a window / a frame, in window order) -> ``image_features`` [P / m^2, hidden], processor order.
-    The blocks attend with those masks instead of splitting the sequence per window (the same softmax)."""
+    The blocks attend with those masks instead of splitting the sequence per window (the same softmax). Qwen2-VL
+    has no windows: every block attends within frames (its runner inputs: identity order, window = frame)."""
 
     def __init__(self, model):
         super().__init__()
         self.tower = model.model.visual
+        self.unit = model.config.vision_config.spatial_merge_size**2
+        self.full_blocks = set(getattr(self.tower, "fullatt_block_indexes", range(len(self.tower.blocks))))
 
     def forward(self, pixel_values, position_ids, window_index, window_mask, full_mask):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
+        apply_rotary_pos_emb_vision = sys.modules[type(self.tower).__module__].apply_rotary_pos_emb_vision
         tower, n = self.tower, pixel_values.shape[0]
-        hidden = tower.permute_input_for_window_attn(tower.patch_embed(pixel_values), window_index, seq_len=n)
-        cos, sin = tower.rotary_pos_emb(hidden, position_ids)
-        cos, sin = (tower.permute_input_for_window_attn(t, window_index, seq_len=n) for t in (cos, sin))
+
+        def in_window_order(t):  # merge units reordered, as permute_input_for_window_attn does
+            return t.reshape(n // self.unit, self.unit, -1)[window_index].reshape(n, -1)
+
+        hidden = in_window_order(tower.patch_embed(pixel_values))
+        cos, sin = (in_window_order(t) for t in tower.rotary_pos_emb(hidden, position_ids))
         for i, block in enumerate(tower.blocks):
             attn = block.attn
             qkv = attn.qkv(block.norm1(hidden)).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             query, key = apply_rotary_pos_emb_vision(qkv[0], qkv[1], cos, sin)
             query, key, value = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, qkv[2]))
-            mask = full_mask if i in tower.fullatt_block_indexes else window_mask
+            mask = full_mask if i in self.full_blocks else window_mask
             out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
             hidden = hidden + attn.proj(out.squeeze(0).transpose(0, 1).reshape(n, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
@@ -348,9 +353,8 @@ def _runner_config(model, kind) -> dict:
     }
     if kind in MROPE:
         vision = config.vision_config
-        runner.update(
-            spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size, patch_size=vision.patch_size
-        )
+        window = getattr(vision, "window_size", None)  # Qwen2-VL: none
+        runner.update(spatial_merge_size=vision.spatial_merge_size, window_size=window, patch_size=vision.patch_size)
     if kind == "llava_next":
         runner["image_grid_pinpoints"] = config.image_grid_pinpoints
         runner["vision_image_size"] = config.vision_config.image_size
@@ -496,7 +500,7 @@ def _export_windowed(model, out: Path) -> dict:
     vision = model.config.vision_config
     dtype = next(model.parameters()).dtype
     grid = [[1, 8, 8], [1, 4, 12]]  # two images, one square, one wide: several windows and frames
-    feeds = qwen_vision_inputs(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)
+    feeds = qwen_vision_inputs(grid, vision.spatial_merge_size, getattr(vision, "window_size", None), vision.patch_size)
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     pixels = torch.randn(len(feeds["position_ids"]), patch_dim, dtype=dtype)
     args = (pixels, *(torch.from_numpy(feeds[k]) for k in ("position_ids", "window_index", "window_mask", "full_mask")))

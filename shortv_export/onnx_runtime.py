@@ -83,7 +83,7 @@ class ShortVOnnxModel:
         pixel_values = np.asarray(pixel_values, dtype=self.dtype)
         if self.spec["model_type"] in ("idefics3", "smolvlm"):
             return self._tile_features(pixel_values, pixel_attention_mask)
-        if self.spec["model_type"] == "qwen2_5_vl":
+        if self.spec["model_type"] in MROPE:
             return self._patch_features(pixel_values, image_sizes)
         if self.spec["model_type"] != "llava_next":
             (features,) = self.vision.run(None, {"pixel_values": pixel_values})
@@ -140,7 +140,7 @@ class ShortVOnnxModel:
     ) -> dict:
         """The decoder's feeds for a prompt batch (empty cache). Qwen2.5-VL takes ``image_grid_thw`` and
         ``mm_token_type_ids`` too (as its processor returns them), for its vision inputs and 3-D positions."""
-        mrope = self.spec["model_type"] == "qwen2_5_vl"
+        mrope = self.spec["model_type"] in MROPE
         if mrope:
             image_sizes = image_grid_thw
         input_ids = np.asarray(input_ids, dtype=np.int64)
@@ -344,11 +344,17 @@ def text_index(visual: np.ndarray) -> np.ndarray:
 # -- Qwen2.5-VL's vision inputs and M-RoPE positions, as transformers computes them, in numpy ---------------------
 
 
-def qwen_vision_inputs(grid, merge: int, window: int, patch: int) -> dict[str, np.ndarray]:
+MROPE = ("qwen2_vl", "qwen2_5_vl")  # vision graph fed by qwen_vision_inputs, decoder fed 3-D positions
+
+
+def qwen_vision_inputs(grid, merge: int, window: int | None, patch: int) -> dict[str, np.ndarray]:
     """The vision graph's inputs for images of ``grid`` [[t, h, w], ...] (patches): each patch's (row, column) in
     merge-block order, the merge units in window order (``get_vision_window_index``), and which patches attend to
-    which, in window order: within a window, and within a frame (the full-attention blocks)."""
+    which, in window order: within a window, and within a frame (the full-attention blocks). ``window`` None
+    (Qwen2-VL): no windows, the identity order, and the window mask is the frame mask."""
     unit = merge * merge
+    if window is None:  # a window as large as the largest frame: each frame is one window, in raster order
+        window = max([max(h, w) for _, h, w in grid] + [1]) * patch
     size = window // merge // patch  # window side in merge units
     positions, index, cu, offset = [], [], [0], 0
     for t, h, w in grid:

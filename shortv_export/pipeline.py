@@ -291,7 +291,7 @@ def _quiet_libraries() -> None:
     disable_progress_bar()
 
 
-ONNX_FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "idefics3", "smolvlm")  # what --onnx exports
+ONNX_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")  # what --onnx exports
 
 
 def _check_device(device: str | None, onnx: bool) -> None:

@@ -130,10 +130,10 @@ def test_dry_run_counts_the_flops_at_the_family_token_counts(kind):
 
 
 def test_onnx_is_refused_at_once_for_families_it_does_not_export_yet(tmp_path):
-    result = CliRunner().invoke(main, [str(tiny_dir("qwen2_vl")), "--n", "2", "--onnx", "--out", str(tmp_path / "x")])
+    result = CliRunner().invoke(main, [str(tiny_dir("gemma3")), "--n", "2", "--onnx", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0
     assert (
-        "--onnx exports llava, llava_next, qwen2_5_vl, idefics3, smolvlm checkpoints so far, not qwen2_vl"
+        "--onnx exports llava, llava_next, qwen2_vl, qwen2_5_vl, idefics3, smolvlm checkpoints so far, not gemma3"
         in result.output
     )
     assert not (tmp_path / "x").exists()

@@ -47,7 +47,7 @@ def exported(tmp_path_factory):
 
 
 def _rows(kind):
-    if kind == "qwen2_5_vl":  # native resolution: three grids, two images in the first row
+    if kind in ("qwen2_vl", "qwen2_5_vl"):  # native resolution: three grids, two images in the first row
         return [
             ("what is in the picture on the left side", [image(30, 30, 1), image(60, 25, 3)]),
             ("colour?", [image(40, 20, 2)]),
@@ -65,7 +65,7 @@ def _rows(kind):
 # Llama everywhere; Mistral (every layer slides) and Qwen2 (layers 2+ slide) with windows shorter than the prompts
 MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
 MODELS += [("idefics3", "llama"), ("smolvlm", "llama")]  # image tiles and their pixel masks through the vision graph
-MODELS += [("qwen2_5_vl", "qwen2")]  # windowed vision attention from the runner's masks, M-RoPE position ids
+MODELS += [("qwen2_vl", "qwen2"), ("qwen2_5_vl", "qwen2")]  # vision masks from the runner, M-RoPE position ids
 model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
 
 
