@@ -144,8 +144,8 @@ class ShortVDecoderLayer:
     positions, expanded over the hidden size), ``valid`` [B, T, 1] (False on that padding, or None), ``masks``
     (attention type -> the [B, 1, T, K] mask rows of the text queries) and ``position_embeddings`` (attention
     type -> cos, sin of the text rows, [B, 1, T, head_dim]; gathered by the first frozen layer of that type when
-    missing). The fallback for other
-    attention backends gets ``visual`` [B, S] only: the dense layer, visual rows reset (exact, nothing saved).
+    missing). The fallback for other attention backends gets ``visual`` [B, S] only: the dense layer, visual
+    rows reset (exact, nothing saved).
     """
 
     attention_class: type  # the family's attention with the ShortVAttention mixin
@@ -396,11 +396,11 @@ class ShortVModelMixin:
                 for key in self.pixel_keys:
                     kwargs[key] = None
                 kwargs["mm_encoder_outputs"] = encoded
-            hidden = self.shortv_text_model().config.hidden_size
+            text_config = self.shortv_text_model().config
+            hidden = text_config.hidden_size
             n_visual = sum(_count(out.pooler_output, hidden) for out in encoded.values() if out is not None)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             use_cache = kwargs.get("use_cache")
-            text_config = self.shortv_text_model().config
             if cache is None and (text_config.use_cache if use_cache is None else use_cache):
                 cache = DynamicCache(config=text_config)  # masks as the text model builds them
             kwargs["shortv"] = self._shortv_inputs(

@@ -32,6 +32,9 @@ class ShortVGemma3ForConditionalGeneration(ShortVForConditionalGenerationMixin, 
 
 
 mirror_weight_renames(
-    [("shortv_gemma3", "gemma3"), ("ShortVGemma3Model", "Gemma3Model")]
-    + [("ShortVGemma3ForConditionalGeneration", "Gemma3ForConditionalGeneration")]
+    [
+        ("shortv_gemma3", "gemma3"),
+        ("ShortVGemma3Model", "Gemma3Model"),
+        ("ShortVGemma3ForConditionalGeneration", "Gemma3ForConditionalGeneration"),
+    ]
 )

@@ -34,19 +34,21 @@ class ShortVSmolVLMModel(ShortVIdefics3ModelMixin, SmolVLMModel):
     config_class = ShortVSmolVLMConfig
 
 
-class ShortVIdefics3ForConditionalGeneration(ShortVForConditionalGenerationMixin, Idefics3ForConditionalGeneration):
-    """Idefics3 with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
-
-    config_class = ShortVIdefics3Config
-    shortv_model_class = ShortVIdefics3Model
-
-    def __init__(self, config: ShortVIdefics3Config):
+class ShortVIdefics3GenerationMixin(ShortVForConditionalGenerationMixin):
+    def __init__(self, config):
         super().__init__(config)
         self.image_token_id = self.config.image_token_id  # as the stock __init__ sets them
         self.vocab_size = config.text_config.vocab_size
 
 
-class ShortVSmolVLMForConditionalGeneration(ShortVForConditionalGenerationMixin, SmolVLMForConditionalGeneration):
+class ShortVIdefics3ForConditionalGeneration(ShortVIdefics3GenerationMixin, Idefics3ForConditionalGeneration):
+    """Idefics3 with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
+
+    config_class = ShortVIdefics3Config
+    shortv_model_class = ShortVIdefics3Model
+
+
+class ShortVSmolVLMForConditionalGeneration(ShortVIdefics3GenerationMixin, SmolVLMForConditionalGeneration):
     """SmolVLM with visual tokens frozen in ``config.shortv_layers`` (see ``modeling_shortv.py``)."""
 
     config_class = ShortVSmolVLMConfig
@@ -54,8 +56,6 @@ class ShortVSmolVLMForConditionalGeneration(ShortVForConditionalGenerationMixin,
 
     def __init__(self, config: ShortVSmolVLMConfig):
         super().__init__(config)
-        self.image_token_id = self.config.image_token_id  # as the stock __init__ sets them
-        self.vocab_size = config.text_config.vocab_size
         self.model.text_model.generation_config = GenerationConfig.from_model_config(config)
 
 

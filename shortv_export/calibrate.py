@@ -180,7 +180,7 @@ class _Batch:
     def __init__(self, model, processor, samples, cache_device):
         self.model = model
         self.layer_forwards = 0  # decoder-layer forwards run for this batch, original run included
-        lm = text_model(model)
+        self.lm = lm = text_model(model)
         self.layers = list(lm.layers)
         inputs = prompt_batch(processor, samples)  # left-padded: the last position ends every prompt
         first = next(model.parameters()).device
@@ -228,7 +228,7 @@ class _Batch:
         features, rows = self.deepstack
         if i >= len(features):
             return hidden
-        return text_model(self.model)._deepstack_process(hidden, rows, features[i])
+        return self.lm._deepstack_process(hidden, rows, features[i])
 
     def layer(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
         layer = self.layers[i]
@@ -246,7 +246,7 @@ class _Batch:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the next token after each row's last prompt position, in fp32 (fp64 for an fp64
         model)."""
-        lm = text_model(self.model)
+        lm = self.lm
         last = hidden[:, -1].to(lm.norm.weight.device)
         logits = self.model.lm_head(lm.norm(last).to(self.model.lm_head.weight.device))
         return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)

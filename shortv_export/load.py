@@ -126,7 +126,7 @@ def load_processor(path: str | Path):
         logging.set_verbosity(level)
 
 
-def image_only_processor(path: str | Path, processor_class: str | None = None):
+def image_only_processor(path: str | Path, name: str | None = None):
     """The checkpoint's processor class without its video processor: image processor, tokenizer, chat template
     and the processor's own settings from ``processor_config.json``."""
     import inspect
@@ -142,21 +142,15 @@ def image_only_processor(path: str | Path, processor_class: str | None = None):
         image_settings = json.loads((path / "preprocessor_config.json").read_text())
     image_class = image_settings["image_processor_type"]
     image_class = getattr(transformers, image_class.replace("Fast", "").replace("ImageProcessor", "ImageProcessorPil"))
-    name = processor_class or settings.get("processor_class")
+    name = name or settings.get("processor_class")
     if name is None:
         raise ValueError(f"{path}: no processor_class")
-    base = pixtral_processor_class() if name == "PixtralProcessor" else getattr(transformers, name)
-    accepted = set(inspect.signature(base.__init__).parameters) - {
-        "self",
-        "image_processor",
-        "tokenizer",
-        "video_processor",
-    }
+    processor_class = pixtral_processor_class() if name == "PixtralProcessor" else image_only_processor_class(name)
+    accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "image_processor", "tokenizer"}
     kwargs = {k: v for k, v in settings.items() if k in accepted and not isinstance(v, dict)}
     template = path / "chat_template.jinja"
     if template.is_file():
         kwargs["chat_template"] = template.read_text()
-    processor_class = base if name == "PixtralProcessor" else image_only_processor_class(name)
     image_processor = image_class(**{k: v for k, v in image_settings.items() if k != "image_processor_type"})
     return processor_class(image_processor, AutoTokenizer.from_pretrained(path, trust_remote_code=False), **kwargs)
 
@@ -183,11 +177,9 @@ def pixtral_processor_class() -> type:
         ):
             super().__init__(image_processor, tokenizer, chat_template=chat_template)
             self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
-            self.image_token, self.image_break_token, self.image_end_token = (
-                image_token,
-                image_break_token,
-                image_end_token,
-            )
+            self.image_token = image_token
+            self.image_break_token = image_break_token
+            self.image_end_token = image_end_token
             self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
         def _process_images(self, images, **images_kwargs):

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .errors import ShortVError
+from .onnx_runtime import MROPE, TILED, qwen_vision_inputs
 
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 SPEC_FILE = "shortv_onnx.json"
@@ -92,8 +93,9 @@ class _TileEncoder(nn.Module):
         return self.connector(hidden)
 
 
-TILED = ("idefics3", "smolvlm")  # families whose vision graph takes tiles and their pixel masks
-MROPE = ("qwen2_vl", "qwen2_5_vl")  # families whose decoder takes 3-D (temporal, height, width) position ids
+def _kind(model) -> str:
+    """The base model type of a ShortV model (``shortv_qwen2_vl`` -> ``qwen2_vl``)."""
+    return model.config.model_type.removeprefix("shortv_")
 
 
 class _WindowedVisionEncoder(nn.Module):
@@ -449,9 +451,9 @@ def _first_line(err: Exception, limit: int = 300) -> str:
 
 
 def _export_vision(model, out: Path) -> dict:
-    if model.config.model_type.removeprefix("shortv_") in TILED:
+    if _kind(model) in TILED:
         return _export_tiles(model, out)
-    if model.config.model_type.removeprefix("shortv_") in MROPE:
+    if _kind(model) in MROPE:
         return _export_windowed(model, out)
     module = _VisionEncoder(model)
     size = model.config.vision_config.image_size
@@ -494,8 +496,6 @@ def _export_tiles(model, out: Path) -> dict:
 
 
 def _export_windowed(model, out: Path) -> dict:
-    from .onnx_runtime import qwen_vision_inputs
-
     module = _WindowedVisionEncoder(model)
     vision = model.config.vision_config
     dtype = next(model.parameters()).dtype
@@ -550,7 +550,7 @@ def _export_decoder(model, out: Path) -> dict:
     embeds = torch.randn(batch, seq, text.hidden_size, dtype=dtype)
     attention = torch.ones(batch, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(batch, -1).contiguous()
-    mrope = model.config.model_type.removeprefix("shortv_") in MROPE
+    mrope = _kind(model) in MROPE
     if mrope:  # temporal, height, width rows
         positions = positions.expand(3, -1, -1).contiguous()
     text_index = torch.tensor([[0, 1, 4, 5, 6], [0, 3, 4, 6, 6]])

@@ -77,14 +77,16 @@ class ShortVOnnxModel:
 
     # -- pieces ----------------------------------------------------------------------------------------------
 
-    def image_features(self, pixel_values, image_sizes=None, pixel_attention_mask=None) -> list[np.ndarray]:
+    def image_features(
+        self, pixel_values, image_sizes=None, pixel_attention_mask=None, image_grid_thw=None
+    ) -> list[np.ndarray]:
         """One [tokens, hidden] array per image (Idefics3 / SmolVLM: per tile), in the order the image tokens
         appear."""
         pixel_values = np.asarray(pixel_values, dtype=self.dtype)
-        if self.spec["model_type"] in ("idefics3", "smolvlm"):
+        if self.spec["model_type"] in TILED:
             return self._tile_features(pixel_values, pixel_attention_mask)
         if self.spec["model_type"] in MROPE:
-            return self._patch_features(pixel_values, image_sizes)
+            return self._patch_features(pixel_values, image_grid_thw)
         if self.spec["model_type"] != "llava_next":
             (features,) = self.vision.run(None, {"pixel_values": pixel_values})
             return list(features)
@@ -118,10 +120,10 @@ class ShortVOnnxModel:
         return list(features)
 
     def _patch_features(self, pixel_values, image_grid_thw) -> list[np.ndarray]:
-        """Qwen2.5-VL: ``pixel_values`` [patches, C*T*p*p] and ``image_grid_thw`` [images, 3] -> one [tokens, hidden]
-        array per image, the window order and masks computed here (``qwen_vision_inputs``)."""
+        """Qwen2-VL / Qwen2.5-VL: ``pixel_values`` [patches, C*T*p*p] and ``image_grid_thw`` [images, 3] -> one
+        [tokens, hidden] array per image, the window order and masks computed here (``qwen_vision_inputs``)."""
         if image_grid_thw is None:
-            raise ValueError("Qwen2.5-VL needs image_grid_thw (the processor returns it)")
+            raise ValueError("Qwen2-VL / Qwen2.5-VL need image_grid_thw (the processor returns it)")
         spec, grid = self.spec, np.asarray(image_grid_thw).tolist()
         feeds = qwen_vision_inputs(grid, spec["spatial_merge_size"], spec["window_size"], spec["patch_size"])
         (features,) = self.vision.run(None, {"pixel_values": pixel_values, **feeds})
@@ -138,17 +140,14 @@ class ShortVOnnxModel:
         image_grid_thw=None,
         mm_token_type_ids=None,
     ) -> dict:
-        """The decoder's feeds for a prompt batch (empty cache). Qwen2.5-VL takes ``image_grid_thw`` and
-        ``mm_token_type_ids`` too (as its processor returns them), for its vision inputs and 3-D positions."""
-        mrope = self.spec["model_type"] in MROPE
-        if mrope:
-            image_sizes = image_grid_thw
+        """The decoder's feeds for a prompt batch (empty cache). Qwen2-VL / Qwen2.5-VL take ``image_grid_thw`` and
+        ``mm_token_type_ids`` too (as their processor returns them), for the vision inputs and 3-D positions."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         (embeds,) = self.embed.run(None, {"input_ids": input_ids})
         visual = input_ids == self.image_token_id
         if pixel_values is not None:
-            features = self.image_features(pixel_values, image_sizes, pixel_attention_mask)
+            features = self.image_features(pixel_values, image_sizes, pixel_attention_mask, image_grid_thw)
             features = np.concatenate(features) if features else np.zeros((0, embeds.shape[-1]), self.dtype)
             if len(features) != int(visual.sum()):
                 raise ValueError(f"image tokens: {int(visual.sum())}, image features: {len(features)}")
@@ -156,13 +155,12 @@ class ShortVOnnxModel:
         elif visual.any():
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         batch = input_ids.shape[0]
-        position_ids = np.where(attention_mask == 0, 0, np.cumsum(attention_mask, axis=1) - 1)
-        if mrope:
-            types = (
-                (input_ids == self.image_token_id).astype(np.int64) if mm_token_type_ids is None else mm_token_type_ids
-            )
+        if self.spec["model_type"] in MROPE:
+            types = visual.astype(np.int64) if mm_token_type_ids is None else mm_token_type_ids
             grid = [] if image_grid_thw is None else np.asarray(image_grid_thw).tolist()
             position_ids = rope_index(types, attention_mask, grid, self.spec["spatial_merge_size"])
+        else:
+            position_ids = np.where(attention_mask == 0, 0, np.cumsum(attention_mask, axis=1) - 1)
         return {
             "inputs_embeds": embeds,
             "attention_mask": attention_mask,
@@ -341,9 +339,10 @@ def text_index(visual: np.ndarray) -> np.ndarray:
     return np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows]).astype(np.int64)
 
 
-# -- Qwen2.5-VL's vision inputs and M-RoPE positions, as transformers computes them, in numpy ---------------------
+# -- Qwen2-VL / Qwen2.5-VL's vision inputs and M-RoPE positions, as transformers computes them, in numpy -------
 
 
+TILED = ("idefics3", "smolvlm")  # vision graph fed the processor's tiles and their pixel masks
 MROPE = ("qwen2_vl", "qwen2_5_vl")  # vision graph fed by qwen_vision_inputs, decoder fed 3-D positions
 
 
@@ -387,9 +386,9 @@ def qwen_vision_inputs(grid, merge: int, window: int | None, patch: int) -> dict
 
 
 def rope_index(types: np.ndarray, attention_mask: np.ndarray, grid, merge: int) -> np.ndarray:
-    """Qwen2.5-VL's 3-D positions [3, B, S] for images (``get_rope_index``): text counts on in all three rows; an
-    image's tokens take (start, start + row, start + column) and the text after it continues at start + max(rows,
-    columns). ``types``: the processor's mm_token_type_ids (0 text, 1 image); padding gets 0."""
+    """Qwen2-VL / Qwen2.5-VL's 3-D positions [3, B, S] for images (``get_rope_index``): text counts on in all
+    three rows; an image's tokens take (start, start + row, start + column) and the text after it continues at
+    start + max(rows, columns). ``types``: the processor's mm_token_type_ids (0 text, 1 image); padding gets 0."""
     batch, seq = types.shape
     positions = np.zeros((3, batch, seq), np.int64)
     grids = iter(grid)

@@ -58,6 +58,8 @@ def make_tokenizer(specials: tuple[str, ...] = (), named: dict[str, str] | None 
 
 
 SLIDING_WINDOW = 6
+# every tiny vision tower: 2 layers of width 32, 2 heads
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 TEXT_KINDS = ("llama", "mistral", "mistral_sliding", "qwen2", "qwen2_sliding")
 # (kind, text) pairs the exactness checks cover: every text family, with and without a sliding window
 FAMILIES = (
@@ -123,15 +125,7 @@ def build_tiny(
 
     tokenizer = make_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=32,
-    )
+    vision = CLIPVisionConfig(**TINY_TOWER, image_size=image_size, patch_size=patch, projection_dim=32)
     text_model = text_config(text, **_text_settings(tokenizer, hidden, num_layers, kv_heads, init_std))
     common = dict(
         vision_config=vision,
@@ -332,14 +326,7 @@ def build_family(
         )
     elif kind in ("idefics3", "smolvlm"):
         prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
-        vision = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=7,
-        )
+        vision = dict(TINY_TOWER, image_size=28, patch_size=7)
         config = getattr(transformers, f"{prefix}Config")(
             vision_config=vision,
             text_config=text,
@@ -381,15 +368,7 @@ def build_family(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=_GEMMA3_TEMPLATE, image_seq_length=4
         )
     elif kind == "mistral3":  # Pixtral tower (2-D RoPE, any aspect), 2x2 spatial merge, Mistral decoder
-        vision = transformers.PixtralVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=7,
-            head_dim=16,
-        )
+        vision = transformers.PixtralVisionConfig(**TINY_TOWER, image_size=56, patch_size=7, head_dim=16)
         config = transformers.Mistral3Config(
             vision_config=vision,
             text_config=transformers.MistralConfig(**text),
@@ -435,15 +414,7 @@ def _siglip():
     """A tiny SigLIP tower (LLaVA-OneVision's and Gemma 3's): 28 px images, 7 px patches, no pooling head."""
     import transformers
 
-    return transformers.SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=7,
-        vision_use_head=False,
-    )
+    return transformers.SiglipVisionConfig(**TINY_TOWER, image_size=28, patch_size=7, vision_use_head=False)
 
 
 def _mrope(head_dim: int) -> list[int]:
