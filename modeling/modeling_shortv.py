@@ -18,6 +18,7 @@ the model is the stock one. Runs on transformers 5.23 (cache argument ``past_key
 (``cache``); ``config.shortv_transformers`` records the versions it was checked on.
 """
 
+import functools
 import inspect
 import re
 
@@ -99,7 +100,7 @@ class ShortVAttention:
         batch, seq, _ = hidden_states.shape
         index = shortv["index"]  # [B, T, D]
         n_text = index.shape[1]
-        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)  # Gemma 3, Qwen3: per head
+        q_norm, k_norm = self._modules.get("q_norm"), self._modules.get("k_norm")  # Gemma 3, Qwen3: per head
 
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -311,6 +312,7 @@ class ShortVModelMixin:
             raise ValueError(
                 f"ShortV supports the text models {', '.join(FROZEN_LAYERS)}, not {text_config.model_type!r}"
             )
+        self._shortv_attention_types = attention_types(text_config)
         for i in self.shortv_layers:
             text_model.layers[i] = layer_class(text_config, i)
         if self.shortv_layers:
@@ -327,12 +329,12 @@ class ShortVModelMixin:
     def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, n_visual):
         """The ``shortv`` argument of the frozen layers in a call with ``n_visual`` visual features."""
         embed = self.get_input_embeddings()
-        ids = self._visual_ids()
+        # Compared one id at a time: a tensor of the ids would be a blocking host-to-device copy on a GPU.
         if input_ids is not None:
-            visual = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+            visual = functools.reduce(torch.logical_or, (input_ids == i for i in self._visual_ids()))
         else:  # visual rows still hold the placeholder token's embedding here
-            table = embed(torch.tensor(ids, device=inputs_embeds.device))  # [n ids, D]
-            visual = (inputs_embeds[:, :, None, :] == table).all(-1).any(-1)
+            placeholders = (embed(torch.full((), i, device=inputs_embeds.device)) for i in self._visual_ids())
+            visual = functools.reduce(torch.logical_or, ((inputs_embeds == e).all(-1) for e in placeholders))
         text_model = self.shortv_text_model()
         text_config = text_model.config
         if text_config._attn_implementation not in _MASKED_BACKENDS:
@@ -365,7 +367,7 @@ class ShortVModelMixin:
         dtype = embed.weight.dtype
         probe = torch.empty(batch, seq, 0, dtype=dtype, device=visual.device)
         masks = {}
-        for kind in {text_model.layers[i].attention_type for i in self.shortv_layers}:
+        for kind in {self._shortv_attention_types[i] for i in self.shortv_layers}:
             mask = attention_mask.get(kind) if isinstance(attention_mask, dict) else None
             if mask is None:
                 padding = None if isinstance(attention_mask, dict) else attention_mask
@@ -402,7 +404,9 @@ class ShortVModelMixin:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             use_cache = kwargs.get("use_cache")
             if cache is None and (text_config.use_cache if use_cache is None else use_cache):
-                cache = DynamicCache(config=text_config)  # masks as the text model builds them
+                # the cache the text model would make, made here to build the masks as it does, and handed on
+                cache = DynamicCache(config=text_config)
+                kwargs["cache" if "cache" in self._shortv_arg_names else "past_key_values"] = cache
             kwargs["shortv"] = self._shortv_inputs(
                 kwargs.get("input_ids"),
                 kwargs.get("inputs_embeds"),

@@ -3,14 +3,20 @@
     python scripts/bench_prefill.py                                        # CPU: LLaVA-1.5-7B shapes, 8 layers
     python scripts/bench_prefill.py --backend torch,onnx --dtype fp32,bf16 # CPU, PyTorch and ONNX Runtime
     python scripts/bench_prefill.py --device cuda --shape all --depth full --batch 1,8   # GPU: the issue's table
+    python scripts/bench_prefill.py --shape launch --depth full --runs 40 --compile eager  # CPU cost of issuing
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python scripts/bench_prefill.py
 
 The decoder has the real hidden/MLP/head sizes and is built directly on the device in the target dtype (a
 full-depth 13B takes seconds on a GPU). At full depth the frozen layers are the published lists (method.md); at
 reduced depth the late round(depth * N/L) layers. Each prompt row is 5 + 59 text tokens around the shape's
 visual tokens (576 per image; LLaVA-NeXT shapes: 5 images, 2880 tokens), through a token-sized vision tower, so
-the timing is the decoder's. Vanilla is the same model with no frozen layers (the stock code path).
+the timing is the decoder's. Vanilla is the same model with no frozen layers (the stock code path). The launch
+shape is LLaVA-1.5-13B's 40 layers and published list at a negligible width: its time is what the CPU spends issuing
+a prefill, which a launch-bound GPU prefill at batch 1 waits on. The last line caps the instruction set to AVX2 (an
+AVX2-only CPU, as far as PyTorch, oneDNN and MKL are concerned).
 
-Rows: eager prefill (median of --runs after --warmup, logits_to_keep=1, no cache), a compiled prefill at batch 1
+Rows: eager prefill (median of --runs after --warmup, vanilla and ShortV interleaved, logits_to_keep=1, no
+cache), a compiled prefill at batch 1
 (``torch.compile(model.forward, fullgraph=True)``; on CUDA the default backend is ``cudagraphs``: CUDA graphs
 without inductor codegen, the launch-bound case), and prefill + --decode-tokens greedy tokens end to end
 (``generate``). Above the tables: the CPU flags, and the dispatch counts (aten operations per frozen layer vs
@@ -20,6 +26,7 @@ a stock layer, host syncs per forward) that decide launch-bound latency on a GPU
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -43,9 +50,14 @@ SHAPES = {
     "llava-next-7b": (4096, 11008, 32, 32, 32064, 2880, 32, PAPER_LAYERS["llava-hf/llava-v1.6-vicuna-7b-hf"]),
     "llava-next-13b": (5120, 13824, 40, 40, 32064, 2880, 40, PAPER_LAYERS["llava-hf/llava-v1.6-vicuna-13b-hf"]),
     "small": (1024, 2816, 16, 16, 32064, 576, 8, None),
+    # LLaVA-1.5-13B's 40 layers and published list at a negligible width and 16 visual tokens: the time is the CPU's
+    # cost of issuing the forward (Python, dispatch), what a launch-bound GPU prefill at batch 1 waits on
+    "launch": (16, 32, 2, 2, 32064, 16, 40, PAPER_LAYERS["llava-hf/llava-1.5-13b-hf"]),
 }
+IMAGE_SIDE = {"launch": 4}  # px per image side (1 px patches); others 24: 576 features, as a 336 px CLIP-L/14 image
 TEXT_TOKENS = 64
-TOKENS_PER_IMAGE = 576  # a 24 x 24 px image with 1 px patches: 576 features, as a 336 px CLIP-L/14 image
+# environment variables that cap the instruction set (aten kernels, oneDNN, MKL): an AVX2-only CPU, emulated
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -61,7 +73,8 @@ def build(shape: str, depth: int, dtype: torch.dtype, device: str):
     """A ShortV LLaVA with the shape's language model (random weights), built on ``device`` in ``dtype``."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from shortv_export.models import ShortVLlavaConfig, ShortVLlavaForConditionalGeneration
+    from shortv_export.modeling.configuration_shortv import ShortVLlavaConfig
+    from shortv_export.modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration
 
     hidden, inter, heads, kv, vocab, *_ = SHAPES[shape]
     text = LlamaConfig(
@@ -74,8 +87,9 @@ def build(shape: str, depth: int, dtype: torch.dtype, device: str):
         max_position_embeddings=8192,
         pad_token_id=0,
     )
+    side = IMAGE_SIDE.get(shape, 24)
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=24, patch_size=1
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=side, patch_size=1
     )
     frozen = frozen_layers(shape, depth)
     config = ShortVLlavaConfig(
@@ -101,8 +115,9 @@ def prompts(shape: str, batch: int, model, device: str) -> dict:
     words = np.random.default_rng(0).integers(3, vocab - 2, TEXT_TOKENS)
     row = np.concatenate([words[:5], np.full(n_visual, image_token), words[5:]])
     ids = torch.from_numpy(row)[None].repeat(batch, 1).to(device)
-    images = batch * n_visual // TOKENS_PER_IMAGE
-    pixels = torch.randn(images, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    side = IMAGE_SIDE.get(shape, 24)
+    images = batch * n_visual // side**2
+    pixels = torch.randn(images, 3, side, side, generator=torch.Generator().manual_seed(0))
     dtype = next(model.parameters()).dtype
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(device, dtype)}
 
@@ -120,6 +135,23 @@ def timed(fn, runs: int, warmup: int, sync) -> float:
     return statistics.median(times)
 
 
+def timed_pair(model, frozen, fn, runs: int, warmup: int, sync) -> dict:
+    """Median seconds of ``fn()`` as vanilla and as ShortV, runs interleaved (so a machine's drift hits both)."""
+    arms = {"vanilla": [], "shortv": frozen}
+    times = {name: [] for name in arms}
+    for i in range(warmup + runs):
+        for name, layers in arms.items():
+            set_frozen(model, layers)
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    set_frozen(model, frozen)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def set_frozen(model, frozen):
     model.model.shortv_layers = list(frozen)  # [] takes the stock path in every layer
 
@@ -131,18 +163,18 @@ def bench_torch(model, frozen, inputs, args, device: str, compile_backend: str |
     batch = inputs["input_ids"].shape[0]
     prefill = dict(inputs, logits_to_keep=1, use_cache=False)
     gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False)
-    result = {}
+    result = timed_pair(model, frozen, lambda: model(**prefill), args.runs, args.warmup, sync)
     for name, layers in (("vanilla", []), ("shortv", frozen)):
         set_frozen(model, layers)
-        result[name] = timed(lambda: model(**prefill), args.runs, args.warmup, sync)
         if compile_backend and batch == 1:
             torch._dynamo.reset()
             mode = "reduce-overhead" if compile_backend == "inductor" and device.startswith("cuda") else None
             compiled = torch.compile(model.forward, fullgraph=True, backend=compile_backend, mode=mode)
             result[f"{name}_compiled"] = timed(lambda c=compiled: c(**prefill), args.runs, args.warmup + 2, sync)
-        if args.decode_tokens:
-            result[f"{name}_e2e"] = timed(lambda: model.generate(**inputs, **gen), max(1, args.runs // 3), 1, sync)
     set_frozen(model, frozen)
+    if args.decode_tokens:
+        e2e = timed_pair(model, frozen, lambda: model.generate(**inputs, **gen), max(1, args.runs // 3), 1, sync)
+        result.update({f"{name}_e2e": t for name, t in e2e.items()})
     return result
 
 
@@ -182,14 +214,18 @@ def bench_onnx(model, frozen, inputs, args, workdir: Path) -> dict:
 
 
 def dispatch_counts(model, frozen, inputs) -> str:
-    """One line: aten ops in a frozen vs a stock layer, host syncs per forward, ShortV vs vanilla."""
+    """One line: aten ops in a frozen layer vs its stock layer, kernels and host syncs per forward, ShortV vs
+    vanilla."""
     kw = dict(logits_to_keep=1, use_cache=False)
     vanilla, shortv = dispatched(model, inputs, [], **kw), dispatched(model, inputs, frozen, **kw)
-    layer = frozen[0]
+    first, later = min(frozen), max(frozen)
+    stock = vanilla.per_layer[later]
     return (
-        f"aten ops in frozen layer {layer}: {shortv.per_layer[layer]} vs stock {vanilla.per_layer[layer]} "
-        f"(+{shortv.per_layer[layer] - vanilla.per_layer[layer]}); host syncs per forward: ShortV {shortv.syncs}, "
-        f"vanilla {vanilla.syncs}"
+        f"aten ops in frozen layer {later}: {shortv.per_layer[later]} vs stock {stock} "
+        f"(+{shortv.per_layer[later] - stock}; the first frozen layer {first}: "
+        f"+{shortv.per_layer[first] - vanilla.per_layer[first]}, with the text rows' cos/sin, once per forward); "
+        f"kernels per forward (ops that are not views): ShortV {shortv.kernels}, vanilla {vanilla.kernels}; "
+        f"host syncs per forward: ShortV {shortv.syncs}, vanilla {vanilla.syncs}"
     )
 
 
@@ -199,7 +235,10 @@ def cpu_flags() -> str:
     except OSError:
         return "unknown"
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return " ".join(shown) + ("" if "avx512_bf16" in flags or "amx_bf16" in flags else " (bf16 matmuls emulated)")
+    shown = " ".join(shown) + ("" if "avx512_bf16" in flags or "amx_bf16" in flags else " (bf16 matmuls emulated)")
+    capped = [f"{k}={os.environ[k]}" for k in ISA_CAPS if k in os.environ]
+    used = f"; PyTorch kernels use {torch.backends.cpu.get_cpu_capability()}"
+    return shown + used + (f" (capped: {' '.join(capped)})" if capped else "")
 
 
 def main(argv=None):
@@ -215,7 +254,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=32, help="prefill + this many tokens; 0 skips")
     args = parser.parse_args(argv)
-    shapes = [s for s in SHAPES if s != "small"] if args.shape == "all" else args.shape.split(",")
+    shapes = [s for s in SHAPES if s not in ("small", "launch")] if args.shape == "all" else args.shape.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     cuda = args.device.startswith("cuda")
     dtypes = (args.dtype or ("bf16" if cuda else "fp32")).split(",")
