@@ -38,6 +38,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # installed, the repo's modeling/ is shortv_export.modeling; a plain checkout (the GPU machine) has it as modeling
+    import shortv_export.modeling  # noqa: F401
+except ImportError:
+    import modeling
+
+    sys.modules["shortv_export.modeling"] = modeling
 
 from shortv_export.flops import prefill_flops  # noqa: E402
 from shortv_export.overhead import dispatched  # noqa: E402
@@ -73,8 +79,9 @@ def build(shape: str, depth: int, dtype: torch.dtype, device: str):
     """A ShortV LLaVA with the shape's language model (random weights), built on ``device`` in ``dtype``."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from shortv_export.modeling.configuration_shortv import ShortVLlavaConfig
-    from shortv_export.modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration
+    # the model file as a checkpoint carries it (the repo's modeling/): runs from a plain checkout, not installed
+    from modeling.configuration_shortv import ShortVLlavaConfig
+    from modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration
 
     hidden, inter, heads, kv, vocab, *_ = SHAPES[shape]
     text = LlamaConfig(
@@ -122,34 +129,31 @@ def prompts(shape: str, batch: int, model, device: str) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels.to(device, dtype)}
 
 
-def timed(fn, runs: int, warmup: int, sync) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def timed_pair(model, frozen, fn, runs: int, warmup: int, sync) -> dict:
-    """Median seconds of ``fn()`` as vanilla and as ShortV, runs interleaved (so a machine's drift hits both)."""
-    arms = {"vanilla": [], "shortv": frozen}
+def interleaved(arms: dict, runs: int, warmup: int, sync) -> dict:
+    """Median seconds of each arm's ``fn()`` (arms: name -> (prepare, fn); ``prepare`` runs untimed before each
+    call), the arms taking turns run by run, so that a machine's drift hits them alike."""
     times = {name: [] for name in arms}
     for i in range(warmup + runs):
-        for name, layers in arms.items():
-            set_frozen(model, layers)
+        for name, (prepare, fn) in arms.items():
+            prepare()
             sync()
             start = time.perf_counter()
             fn()
             sync()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    set_frozen(model, frozen)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed_pair(model, frozen, fn, runs: int, warmup: int, sync) -> dict:
+    """Median seconds of ``fn()`` as vanilla (no frozen layers) and as ShortV, interleaved."""
+    arms = {
+        name: (lambda layers=layers: set_frozen(model, layers), fn)
+        for name, layers in (("vanilla", []), ("shortv", frozen))
+    }
+    result = interleaved(arms, runs, warmup, sync)
+    set_frozen(model, frozen)
+    return result
 
 
 def set_frozen(model, frozen):
@@ -164,14 +168,12 @@ def bench_torch(model, frozen, inputs, args, device: str, compile_backend: str |
     prefill = dict(inputs, logits_to_keep=1, use_cache=False)
     gen = dict(max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False)
     result = timed_pair(model, frozen, lambda: model(**prefill), args.runs, args.warmup, sync)
-    for name, layers in (("vanilla", []), ("shortv", frozen)):
-        set_frozen(model, layers)
-        if compile_backend and batch == 1:
-            torch._dynamo.reset()
-            mode = "reduce-overhead" if compile_backend == "inductor" and device.startswith("cuda") else None
-            compiled = torch.compile(model.forward, fullgraph=True, backend=compile_backend, mode=mode)
-            result[f"{name}_compiled"] = timed(lambda c=compiled: c(**prefill), args.runs, args.warmup + 2, sync)
-    set_frozen(model, frozen)
+    if compile_backend and batch == 1:  # one compiled forward, a graph per arm (dynamo guards on the frozen list)
+        torch._dynamo.reset()
+        mode = "reduce-overhead" if compile_backend == "inductor" and device.startswith("cuda") else None
+        compiled = torch.compile(model.forward, fullgraph=True, backend=compile_backend, mode=mode)
+        timings = timed_pair(model, frozen, lambda: compiled(**prefill), args.runs, args.warmup + 2, sync)
+        result.update({f"{name}_compiled": t for name, t in timings.items()})
     if args.decode_tokens:
         e2e = timed_pair(model, frozen, lambda: model.generate(**inputs, **gen), max(1, args.runs // 3), 1, sync)
         result.update({f"{name}_e2e": t for name, t in e2e.items()})
@@ -198,19 +200,18 @@ def bench_onnx(model, frozen, inputs, args, workdir: Path) -> dict:
     }
     empty = np.zeros((ids.shape[0], text.num_key_value_heads, 0, head_dim), np.float32)
     feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(text.num_hidden_layers) for kv in ("key", "value")})
-    result = {}
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    arms = {}
     for name, layers in (("vanilla", []), ("shortv", frozen)):
         set_frozen(model, layers)
         folder = workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         _export_decoder(model.float(), folder)
         session = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"), options, ["CPUExecutionProvider"])
-        result[name] = timed(lambda s=session: s.run(["logits"], feeds), args.runs, args.warmup, lambda: None)
-        del session
+        arms[name] = (lambda: None, lambda s=session: s.run(["logits"], feeds))
     set_frozen(model, frozen)
-    return result
+    return interleaved(arms, args.runs, args.warmup, lambda: None)
 
 
 def dispatch_counts(model, frozen, inputs) -> str:
