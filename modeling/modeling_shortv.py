@@ -25,7 +25,6 @@ import re
 import torch
 import transformers
 from torch import nn
-from transformers import DynamicCache
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -326,8 +325,9 @@ class ShortVModelMixin:
             getattr(self.config, key) for key in self.visual_token_keys if getattr(self.config, key, None) is not None
         ]
 
-    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, n_visual):
-        """The ``shortv`` argument of the frozen layers in a call with ``n_visual`` visual features."""
+    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, n_visual, new_cache):
+        """The ``shortv`` argument of the frozen layers in a call with ``n_visual`` visual features; ``new_cache``:
+        no cache was passed and the text model will make an (empty) one."""
         embed = self.get_input_embeddings()
         # Compared one id at a time: a tensor of the ids would be a blocking host-to-device copy on a GPU.
         if input_ids is not None:
@@ -371,8 +371,15 @@ class ShortVModelMixin:
             mask = attention_mask.get(kind) if isinstance(attention_mask, dict) else None
             if mask is None:
                 padding = None if isinstance(attention_mask, dict) else attention_mask
+                # An empty cache sizes the mask as no cache does; but with one, position ids are never read as
+                # packed sequences (no mask given), so none are handed over when the text model makes its own.
                 mask = MASK_FUNCTIONS[kind](
-                    text_config, probe, padding, cache, position_ids=position_ids, allow_is_causal_skip=False
+                    text_config,
+                    probe,
+                    padding,
+                    cache,
+                    position_ids=None if new_cache else position_ids,
+                    allow_is_causal_skip=False,
                 )
             mask = mask.expand(batch, -1, -1, -1)
             mask = mask.gather(2, text_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
@@ -403,10 +410,9 @@ class ShortVModelMixin:
             n_visual = sum(_count(out.pooler_output, hidden) for out in encoded.values() if out is not None)
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             use_cache = kwargs.get("use_cache")
-            if cache is None and (text_config.use_cache if use_cache is None else use_cache):
-                # the cache the text model would make, made here to build the masks as it does, and handed on
-                cache = DynamicCache(config=text_config)
-                kwargs["cache" if "cache" in self._shortv_arg_names else "past_key_values"] = cache
+            if use_cache is None:  # as the stock forwards default it: the model's config, else the text model's
+                use_cache = getattr(self.config, "use_cache", None)
+            use_cache = text_config.use_cache if use_cache is None else use_cache
             kwargs["shortv"] = self._shortv_inputs(
                 kwargs.get("input_ids"),
                 kwargs.get("inputs_embeds"),
@@ -414,6 +420,7 @@ class ShortVModelMixin:
                 kwargs.get("position_ids"),
                 cache,
                 n_visual,
+                new_cache=cache is None and bool(use_cache),
             )
         return super().forward(**kwargs)
 

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:  # installed, the repo's modeling/ is shortv_export.modeling; a plain checkout (the GPU machine) has it as modeling
+try:  # installed, the repo's modeling/ is shortv_export.modeling
     import shortv_export.modeling  # noqa: F401
-except ImportError:
+except ImportError:  # a plain checkout (the GPU machine): the same folder under that name
     import modeling
 
     sys.modules["shortv_export.modeling"] = modeling
@@ -77,11 +77,9 @@ def frozen_layers(shape: str, depth: int) -> list[int]:
 
 def build(shape: str, depth: int, dtype: torch.dtype, device: str):
     """A ShortV LLaVA with the shape's language model (random weights), built on ``device`` in ``dtype``."""
+    from shortv_export.modeling.configuration_shortv import ShortVLlavaConfig
+    from shortv_export.modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration
     from transformers import CLIPVisionConfig, LlamaConfig
-
-    # the model file as a checkpoint carries it (the repo's modeling/): runs from a plain checkout, not installed
-    from modeling.configuration_shortv import ShortVLlavaConfig
-    from modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration
 
     hidden, inter, heads, kv, vocab, *_ = SHAPES[shape]
     text = LlamaConfig(
@@ -202,12 +200,16 @@ def bench_onnx(model, frozen, inputs, args, workdir: Path) -> dict:
     feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(text.num_hidden_layers) for kv in ("key", "value")})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # both sessions live at once (interleaved): an idle one's threads must not spin on the cores the other uses
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    dtype = next(model.parameters()).dtype
     arms = {}
     for name, layers in (("vanilla", []), ("shortv", frozen)):
         set_frozen(model, layers)
         folder = workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         _export_decoder(model.float(), folder)
+        model.to(dtype)  # the torch rows that follow run in their own dtype
         session = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"), options, ["CPUExecutionProvider"])
         arms[name] = (lambda: None, lambda s=session: s.run(["logits"], feeds))
     set_frozen(model, frozen)
@@ -225,7 +227,7 @@ def dispatch_counts(model, frozen, inputs) -> str:
         f"aten ops in frozen layer {later}: {shortv.per_layer[later]} vs stock {stock} "
         f"(+{shortv.per_layer[later] - stock}; the first frozen layer {first}: "
         f"+{shortv.per_layer[first] - vanilla.per_layer[first]}, with the text rows' cos/sin, once per forward); "
-        f"kernels per forward (ops that are not views): ShortV {shortv.kernels}, vanilla {vanilla.kernels}; "
+        f"kernels per forward (not views or bare allocations): ShortV {shortv.kernels}, vanilla {vanilla.kernels}; "
         f"host syncs per forward: ShortV {shortv.syncs}, vanilla {vanilla.syncs}"
     )
 

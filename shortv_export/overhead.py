@@ -1,13 +1,15 @@
-"""Counting what a forward dispatches, without timing it: aten operations per decoder layer, and host syncs per
-forward. On a GPU each operation is a kernel launch (views excepted) and each sync stalls the CPU's queue, so these
-counts are the CPU-measurable proxy for a launch-bound (batch 1) prefill. Used by ``tests/test_overhead.py`` and
-``scripts/bench_prefill.py``.
+"""Counting what a forward dispatches, without timing it: aten operations per decoder layer, kernels, and host
+syncs per forward. On a GPU each operation that computes something is a kernel launch and each sync stalls the
+CPU's queue, so these counts are the CPU-measurable proxy for a launch-bound (batch 1) prefill. Used by
+``tests/test_overhead.py`` and ``scripts/bench_prefill.py``.
 
-A host sync is an operation that, on CUDA, makes the CPU wait for the GPU: reading a value (``.item()``,
-``int(tensor)``, ``bool(tensor)``: ``aten::_local_scalar_dense``), a result whose shape depends on values
-(``nonzero``, ``masked_select``, boolean indexing, ``unique``), or a tensor made from host data inside the forward
-(``torch.tensor(...)``: ``aten::lift_fresh``, then a blocking host-to-device copy). On the CPU none of them costs
-anything, which is why they are counted rather than timed.
+Kernels: operations other than views and bare allocations. Host syncs: the operations that, seen from the CPU,
+make the CPU wait for the GPU on CUDA: value reads (``.item()``, ``int(tensor)``, ``bool(tensor)``:
+``aten::_local_scalar_dense``), results whose shape depends on values (``nonzero``, ``masked_select``, boolean
+indexing, ``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``, ``equal``), and non-empty tensors
+made from host data inside the forward (``torch.tensor(...)``: ``aten::lift_fresh``, then a blocking host-to-device
+copy). Not seen on a CPU: copies to the host (``.tolist()``, ``.cpu()``) and moves of existing host tensors to the
+device; neither ShortV's code nor the counts rely on them.
 """
 
 from __future__ import annotations
@@ -19,19 +21,36 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNCING = frozenset(
-    {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive"}
+    {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "unique",
+        "_unique",
+        "_unique2",
+        "unique_consecutive",
+        "unique_dim",
+        "bincount",
+        "equal",
+    }
 )
 HOST_DATA = "lift_fresh"  # torch.tensor(python data): on CUDA a blocking host-to-device copy
+NOT_KERNELS = frozenset({"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 
 
-def _syncs(func, args) -> bool:
+def _syncs(func, args, kwargs) -> bool:
     name = func.overloadpacket.__name__
     if name in SYNCING:
         return True
     if name == HOST_DATA:  # an empty one moves nothing
         return args[0].numel() > 0
+    if name == "repeat_interleave":  # the output length is read back unless given
+        return func._overloadname in ("Tensor", "self_Tensor") and kwargs.get("output_size") is None
     if name in ("index", "index_put", "index_put_") and len(args) > 1:  # boolean indexing: a nonzero inside
-        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        masks = any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1])
+        # one boolean mask set to a single value is a masked_fill (no sync)
+        fill = name != "index" and len(args[1]) == 1 and args[2].numel() == 1
+        return masks and not fill
     return False
 
 
@@ -39,9 +58,9 @@ def _syncs(func, args) -> bool:
 class Dispatched:
     ops: Counter  # aten op name -> count, whole forward
     per_layer: dict[int, int]  # decoder layer -> ops dispatched inside it
-    kernels_per_layer: dict[int, int]  # decoder layer -> ops that are not views (a kernel launch each on a GPU)
+    kernels_per_layer: dict[int, int]  # decoder layer -> ops that are kernels (not views or bare allocations)
     sync_ops: Counter  # op name -> count, of the ops that make the CPU wait for the device on CUDA
-    kernels: int = 0  # ops that are not views, whole forward
+    kernels: int = 0  # ops that are kernels, whole forward
 
     @property
     def syncs(self) -> int:
@@ -64,14 +83,15 @@ class _Counter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         result = self.result
-        result.ops[func.overloadpacket.__name__] += 1
-        result.kernels += not func.is_view
-        if _syncs(func, args):
-            result.sync_ops[func.overloadpacket.__name__] += 1
+        name = func.overloadpacket.__name__
+        kernel = not func.is_view and name not in NOT_KERNELS
+        result.ops[name] += 1
+        result.kernels += kernel
+        if _syncs(func, args, kwargs or {}):
+            result.sync_ops[name] += 1
         if self.layer is not None:
             result.per_layer[self.layer] = result.per_layer.get(self.layer, 0) + 1
-            if not func.is_view:
-                result.kernels_per_layer[self.layer] = result.kernels_per_layer.get(self.layer, 0) + 1
+            result.kernels_per_layer[self.layer] = result.kernels_per_layer.get(self.layer, 0) + kernel
         return func(*args, **(kwargs or {}))
 
 

@@ -244,7 +244,16 @@ def test_text_only_decode_step_compiles_with_fullgraph(kind, text, frozen):
     assert (traced - eager).abs().max() <= 1e-5
 
 
-@params(frozen=[(4, 1, 3)], models=[("llava", "llama"), ("llava", "qwen2_sliding")])
+@params(
+    frozen=[(4, 1, 3)],
+    models=[
+        ("llava", "llama"),
+        ("llava", "qwen2_sliding"),
+        ("gemma3", "gemma3"),
+        ("qwen2_5_vl", "qwen2"),
+        ("smolvlm", "llama"),
+    ],
+)
 def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     from transformers import CompileConfig
 
@@ -265,10 +274,21 @@ def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     assert torch.equal(compiled, eager)
 
 
-@params(frozen=[(4, 1, 3)], models=[("llava", "llama"), ("llava", "qwen2_sliding")])
+@params(
+    frozen=[(4, 1, 3)],
+    models=[
+        ("llava", "llama"),
+        ("llava", "qwen2_sliding"),
+        ("gemma3", "gemma3"),
+        ("idefics3", "llama"),
+        ("smolvlm", "llama"),
+    ],
+)
 def test_one_prompt_image_prefill_compiles_with_fullgraph(kind, text, frozen):
     """The captured path: for one prompt the text width comes from the host (sequence length minus the image
-    features), so the whole prefill with images traces as one graph (CUDA graphs need that) and agrees."""
+    features), so the whole prefill with images traces as one graph (CUDA graphs need that) and agrees. The
+    families whose stock image path traces as one graph; stock LLaVA-NeXT / OneVision (anyres packing), Mistral 3
+    (Pixtral's image sizes) and the Qwen-VL towers (grid loops) do not."""
     shortv, _ = pair(kind, text, frozen)
     inputs = batch(processor(kind), [(Q, [image(40, 50, 0)])])
     torch._dynamo.reset()

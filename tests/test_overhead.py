@@ -10,6 +10,7 @@ LLaVA-NeXT (Vicuna) do.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from functools import cache
@@ -59,8 +60,8 @@ def test_a_frozen_layer_dispatches_at_most_4_more_operations_than_its_stock_laye
         kernels = shortv.kernels_per_layer[i] - vanilla.kernels_per_layer[i]
         if i not in FROZEN:
             assert ops == 0 and kernels == 0, (i, ops, kernels)
-        elif i in first:
-            assert ops <= 4 + 9 and kernels <= 4 + 2, (i, ops, kernels)
+        elif i in first:  # at least its 2 gathers of cos/sin: the frozen branch really ran
+            assert 2 <= kernels <= 4 + 2 and ops <= 4 + 9, (i, ops, kernels)
         else:
             assert ops <= 4 and kernels <= 4, (i, ops, kernels)
 
@@ -68,9 +69,9 @@ def test_a_frozen_layer_dispatches_at_most_4_more_operations_than_its_stock_laye
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_prompt_makes_exactly_the_stock_host_syncs(kind):
     """Batch 1: the text width is known on the host (sequence length minus image features), the visual rows are
-    found without a tensor of token ids (which would be a blocking host-to-device copy), and the cache the text
-    model would make is made once. A padded batch adds exactly one sync, for the widest row's text count, before
-    the decoder layers are queued (the GPU is compute-bound there)."""
+    found without a tensor of token ids (which would be a blocking host-to-device copy), and no cache is made for
+    the masks (Gemma 3's sliding layers would each make a host tensor). A padded batch adds exactly one sync, for
+    the widest row's text count, before the decoder layers are queued (the GPU is compute-bound there)."""
     for rows, extra in ((1, 0), (2, 1)):
         _, vanilla, shortv = counts(kind, rows)
         assert shortv.syncs == vanilla.syncs + extra, (rows, dict(vanilla.sync_ops), dict(shortv.sync_ops))
@@ -90,4 +91,5 @@ def test_the_prefill_bench_runs_and_prints_its_table(tmp_path):
     assert ("1", "torch cpu", "fp32", "compiled (eager)") in modes
     assert ("1", "onnxruntime cpu", "fp32", "eager") in modes
     assert ("1", "torch cpu", "fp32", "prefill + 2 tokens") in modes
-    assert "host syncs per forward: ShortV 3, vanilla 3" in out.stdout, out.stdout
+    syncs = re.search(r"host syncs per forward: ShortV (\d+), vanilla (\d+)", out.stdout)
+    assert syncs and syncs[1] == syncs[2], out.stdout
