@@ -244,16 +244,11 @@ def test_text_only_decode_step_compiles_with_fullgraph(kind, text, frozen):
     assert (traced - eager).abs().max() <= 1e-5
 
 
-@params(
-    frozen=[(4, 1, 3)],
-    models=[
-        ("llava", "llama"),
-        ("llava", "qwen2_sliding"),
-        ("gemma3", "gemma3"),
-        ("qwen2_5_vl", "qwen2"),
-        ("smolvlm", "llama"),
-    ],
-)
+# (kind, text) whose static-cache decode steps and one prompt's image prefill both compile with fullgraph=True
+COMPILED = [("llava", "llama"), ("llava", "qwen2_sliding"), ("gemma3", "gemma3"), ("smolvlm", "llama")]
+
+
+@params(frozen=[(4, 1, 3)], models=[*COMPILED, ("qwen2_5_vl", "qwen2")])
 def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     from transformers import CompileConfig
 
@@ -274,16 +269,7 @@ def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     assert torch.equal(compiled, eager)
 
 
-@params(
-    frozen=[(4, 1, 3)],
-    models=[
-        ("llava", "llama"),
-        ("llava", "qwen2_sliding"),
-        ("gemma3", "gemma3"),
-        ("idefics3", "llama"),
-        ("smolvlm", "llama"),
-    ],
-)
+@params(frozen=[(4, 1, 3)], models=[*COMPILED, ("idefics3", "llama")])
 def test_one_prompt_image_prefill_compiles_with_fullgraph(kind, text, frozen):
     """The captured path: for one prompt the text width comes from the host (sequence length minus the image
     features), so the whole prefill with images traces as one graph (CUDA graphs need that) and agrees. The
