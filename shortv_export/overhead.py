@@ -66,10 +66,6 @@ class Dispatched:
     def syncs(self) -> int:
         return sum(self.sync_ops.values())
 
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
 
 class _Counter(TorchDispatchMode):
     def __init__(self, layers):

@@ -77,7 +77,7 @@ def test_one_prompt_makes_exactly_the_stock_host_syncs(kind):
         assert shortv.syncs == vanilla.syncs + extra, (rows, dict(vanilla.sync_ops), dict(shortv.sync_ops))
 
 
-def test_the_prefill_bench_runs_and_prints_its_table(tmp_path):
+def test_the_prefill_bench_runs_and_prints_its_table():
     """scripts/bench_prefill.py is the GPU check prepared for a session with a device (scripts/gpu_bench.sh): it
     must not rot. Its launch shape (LLaVA-1.5-13B's layer pattern at a negligible width), 4 layers, batch 1 and 2,
     eager and compiled rows, prefill + 2 tokens, PyTorch and ONNX Runtime."""
