@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .families import FAMILIES
 from .flops import format_flops
 from .load import Source
 
@@ -29,8 +30,6 @@ def model_card(
     """A Hub model card: YAML metadata, usage (transformers, ONNX Runtime), the frozen layers, the LC plot, FLOPs,
     the verification figures and the command that made it. ``repo``: the Hub id (or folder name) the usage loads;
     ``base_model``: the base's Hub id when the source is a local folder; ``lc``: the calibrate.LCResult."""
-    from .models import SUPPORTED
-
     hub_base = base_model or source.repo_id
     base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{source.name}` (a local checkpoint)"
     fidelity = lc.fidelity if lc is not None else None
@@ -56,7 +55,7 @@ def model_card(
         f"its {total} decoder layers, visual tokens are frozen during prefill: only text tokens are queries and "
         "go through the MLP, while visual tokens keep their hidden state (their keys and values are still "
         "computed). The weights are the base model's, unchanged; `modeling_shortv.py` holds the frozen "
-        f"layer, `{SUPPORTED[source.kind].modeling_file}` the model class, and `config.json` lists the frozen "
+        f"layer, `{FAMILIES[source.kind].modeling_file}` the model class, and `config.json` lists the frozen "
         "layers in `shortv_layers`.",
         "",
         "## Usage",

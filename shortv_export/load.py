@@ -1,4 +1,5 @@
-"""Stage 1, load: resolve MODEL (a local folder or a Hub repo id) and check that it is supported (``SUPPORTED``)."""
+"""Stage 1, load: resolve MODEL (a local folder or a Hub repo id) and check that it is a supported family
+(``families.FAMILIES``)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShortVError
+from .families import FAMILIES
 
-# What this tool converts (shortv_export.models maps each to its ShortV classes; kept here, import-light).
-SUPPORTED = {
-    "llava": "LLaVA-1.5",
-    "llava_next": "LLaVA-NeXT",
-    "llava_onevision": "LLaVA-OneVision",
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "qwen3_vl": "Qwen3-VL",
-    "idefics3": "Idefics3",
-    "smolvlm": "SmolVLM",
-    "gemma3": "Gemma 3",
-    "mistral3": "Mistral 3",
-}
-SUPPORTED_TEXT = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "gemma3_text")
 # What a conversion needs from a Hub repo: configs, tokenizer/processor files, chat template, safetensors.
 PROCESSOR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md"]
 HUB_PATTERNS = [*PROCESSOR_PATTERNS, "*.safetensors"]
@@ -70,7 +58,7 @@ class Source:
 def resolve_model(model: str, *, revision: str | None = None, config_only: bool = False) -> Source:
     """Find MODEL, download it if it is a Hub id (only configs with ``config_only``), and check it.
 
-    Raises ShortVError when it cannot be found or is not a supported model type (``SUPPORTED``) with safetensors.
+    Raises ShortVError when it cannot be found or is not a supported family (``families.FAMILIES``) with safetensors.
     """
     local = Path(model).expanduser()
     if local.is_dir():
@@ -252,15 +240,17 @@ def check_supported(source: Source, files: list[str]) -> None:
             f"{source.model_id} is already a ShortV checkpoint "
             f"(shortv_layers={source.config.get('shortv_layers')}); convert its base model instead"
         )
-    if model_type not in SUPPORTED:
+    if model_type not in FAMILIES:
         raise ShortVError(
             f"{source.model_id}: unsupported architecture {model_type!r}; "
-            f"shortv-export supports {', '.join(f'{k} ({v})' for k, v in SUPPORTED.items())}"
+            f"shortv-export supports {', '.join(f'{k} ({f.display})' for k, f in FAMILIES.items())}"
         )
     text_type = source.hf_config.text_config.model_type
-    if text_type not in SUPPORTED_TEXT:
+    supported_text = FAMILIES[model_type].text_models
+    if text_type not in supported_text:
         raise ShortVError(
-            f"{source.model_id}: unsupported language model {text_type!r}; supported: {', '.join(SUPPORTED_TEXT)}"
+            f"{source.model_id}: unsupported language model {text_type!r} for {FAMILIES[model_type].display}; "
+            f"supported: {', '.join(supported_text)}"
         )
     missing = [" or ".join(names) for names in (IMAGE_PROCESSOR_FILES, TOKENIZER_FILES) if not set(names) & set(files)]
     if missing:

@@ -2,72 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from . import families
 from .compat import tested_range
 from .modeling import configuration_shortv as configs
-from .modeling import (
-    modeling_shortv_gemma3,
-    modeling_shortv_idefics3,
-    modeling_shortv_llava,
-    modeling_shortv_qwen2_vl,
-)
 
 
-class Family(NamedTuple):
+class Classes(NamedTuple):
+    """A family's ShortV classes in ``modeling/``."""
+
     model_type: str  # the ShortV checkpoint's model_type
     config_cls: type
     model_cls: type
     modeling_file: str  # the family's model file, copied next to modeling_shortv.py
 
 
-def _family(model_type, config_cls, model_cls) -> Family:
-    return Family(model_type, config_cls, model_cls, Path(model_cls.__module__.replace(".", "/")).name + ".py")
+def _classes(family: families.Family) -> Classes:
+    module = importlib.import_module(f"{__package__}.modeling.{family.modeling_file.removesuffix('.py')}")
+    config_cls, model_cls = getattr(configs, family.config_class), getattr(module, family.model_class)
+    return Classes(family.shortv_model_type, config_cls, model_cls, family.modeling_file)
 
 
-SUPPORTED = {  # base model_type -> its ShortV family
-    "llava": _family(
-        "shortv_llava", configs.ShortVLlavaConfig, modeling_shortv_llava.ShortVLlavaForConditionalGeneration
-    ),
-    "llava_next": _family(
-        "shortv_llava_next",
-        configs.ShortVLlavaNextConfig,
-        modeling_shortv_llava.ShortVLlavaNextForConditionalGeneration,
-    ),
-    "llava_onevision": _family(
-        "shortv_llava_onevision",
-        configs.ShortVLlavaOnevisionConfig,
-        modeling_shortv_llava.ShortVLlavaOnevisionForConditionalGeneration,
-    ),
-    "mistral3": _family(
-        "shortv_mistral3", configs.ShortVMistral3Config, modeling_shortv_llava.ShortVMistral3ForConditionalGeneration
-    ),
-    "qwen2_vl": _family(
-        "shortv_qwen2_vl", configs.ShortVQwen2VLConfig, modeling_shortv_qwen2_vl.ShortVQwen2VLForConditionalGeneration
-    ),
-    "qwen2_5_vl": _family(
-        "shortv_qwen2_5_vl",
-        configs.ShortVQwen2_5_VLConfig,
-        modeling_shortv_qwen2_vl.ShortVQwen2_5_VLForConditionalGeneration,
-    ),
-    "qwen3_vl": _family(
-        "shortv_qwen3_vl", configs.ShortVQwen3VLConfig, modeling_shortv_qwen2_vl.ShortVQwen3VLForConditionalGeneration
-    ),
-    "idefics3": _family(
-        "shortv_idefics3", configs.ShortVIdefics3Config, modeling_shortv_idefics3.ShortVIdefics3ForConditionalGeneration
-    ),
-    "smolvlm": _family(
-        "shortv_smolvlm", configs.ShortVSmolVLMConfig, modeling_shortv_idefics3.ShortVSmolVLMForConditionalGeneration
-    ),
-    "gemma3": _family(
-        "shortv_gemma3", configs.ShortVGemma3Config, modeling_shortv_gemma3.ShortVGemma3ForConditionalGeneration
-    ),
-}
-SHARED_FILES = ("configuration_shortv.py", "modeling_shortv.py")
+SUPPORTED = {kind: _classes(family) for kind, family in families.FAMILIES.items()}  # base model_type -> classes
+SHARED_FILES = families.SHARED_MODELING_FILES
 ALL_MODELING_FILES = (*SHARED_FILES, *sorted({f.modeling_file for f in SUPPORTED.values()}))
-MODELING_DIR = Path(modeling_shortv_llava.__file__).resolve().parent  # the repo's modeling/, installed
+MODELING_DIR = Path(configs.__file__).resolve().parent  # the repo's modeling/, installed
 
 
 def modeling_files(base_type: str) -> tuple[str, ...]:

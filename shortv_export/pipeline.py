@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ShortVError
+from .families import FAMILIES, onnx_families
 
 DEFAULT_TEXT_TOKENS = 64  # the text of a typical prompt, for FLOPs when no calibration set was run
 MIN_AGREEMENT = 0.9
@@ -44,7 +45,7 @@ class ConvertResult:
     """What a conversion produced (or, with ``dry_run``, would produce)."""
 
     model_id: str
-    kind: str  # the base model_type: llava, llava_next, qwen2_5_vl, ... (load.SUPPORTED)
+    kind: str  # the base model_type: llava, llava_next, qwen2_5_vl, ... (families.FAMILIES)
     num_layers: int
     n: int  # layers frozen
     layers: list[int] | None  # frozen layers, lowest LC first (None in a dry run that would calibrate)
@@ -291,7 +292,7 @@ def _quiet_libraries() -> None:
     disable_progress_bar()
 
 
-ONNX_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")  # what --onnx exports
+ONNX_FAMILIES = onnx_families()  # what --onnx exports
 
 
 def _check_device(device: str | None, onnx: bool) -> None:
@@ -458,26 +459,8 @@ def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str) -> dict[s
 
 
 def _default_visual_tokens(source) -> int:
-    """Visual tokens of one typical image, from the config: LLaVA-1.5's fixed count; LLaVA-NeXT's 672x672 anyres
-    (2880); LLaVA-OneVision's base view plus 2x2 tiles (5 x 729 at 384 px, newlines aside); Qwen2-VL's 448x448
-    image (256 at 14 px patches merged 2x2); Idefics3 / SmolVLM's 2x2 split plus the global view (5 x 169 for
-    Idefics3-8B, 5 x 64 for SmolVLM-256M); Gemma 3's fixed 256; Mistral 3's 1024x1024 image (36 x 36)."""
-    kind, config = source.kind, source.hf_config
-    vision = getattr(config, "vision_config", None)
-    if kind == "llava_next":
-        return 2880
-    if kind == "llava_onevision":
-        return 5 * (vision.image_size // vision.patch_size) ** 2
-    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        return (448 // (vision.patch_size * vision.spatial_merge_size)) ** 2
-    if kind in ("idefics3", "smolvlm"):
-        return 5 * (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
-    if kind == "gemma3":
-        return int(config.mm_tokens_per_image)
-    if kind == "mistral3":  # a 1024x1024 image: 14 px patches merged 2x2, 36 x 36 (row breaks are text)
-        side = 1024 // (vision.patch_size * config.spatial_merge_size)
-        return side * side
-    return int(source.config.get("image_seq_length", 576))
+    """Visual tokens of one typical image of the family (``families.Family.typical_visual_tokens``)."""
+    return FAMILIES[source.kind].typical_visual_tokens(source.hf_config)
 
 
 def _flops_line(flops: dict[str, Any]) -> str:
