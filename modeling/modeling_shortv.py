@@ -19,8 +19,8 @@ the model is the stock one. Runs on transformers 5.23 (cache argument ``past_key
 """
 
 import functools
-import inspect
 import re
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -30,7 +30,7 @@ from transformers.conversion_mapping import (
     register_checkpoint_conversion_mapping,
 )
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -71,34 +71,72 @@ def _rope(x, cos, sin):  # cos, sin: [B, 1, S, head_dim]
     return x * cos + rotate_half(x) * sin
 
 
-def _text_rows(shortv, position_embeddings, kind):
-    """cos, sin of the text rows [B, 1, T, head_dim] for layers of attention type ``kind``, gathered once per
-    forward from the stock model's cos/sin of all rows [B or 1, S, head_dim] (whatever RoPE made them; Gemma 3
-    has one per attention type) and kept in ``shortv``."""
-    cached = shortv["position_embeddings"]
-    if kind not in cached:
-        rows = shortv["index"][..., :1]
-        batch = rows.shape[0]
-        cached[kind] = tuple(
-            t.expand(batch, -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1])).unsqueeze(1)
-            for t in position_embeddings
-        )
-    return cached[kind]
+@dataclass
+class FrozenRows:
+    """What the frozen layers of one forward share; the model builds it once per forward (``ShortVModelMixin``).
+
+    ``layers``: the layer ids frozen in this call (any other layer runs the stock code). ``index`` [B, T, D]: each
+    row's T text positions first, in order, padded with visual positions where a row has fewer, expanded over the
+    hidden size. ``valid`` [B, T, 1]: False on that padding (None when no row is padded). ``masks``: attention type
+    -> the rows of the stock model's mask for the text queries, additive, [B, 1, T, K]. The text rows' cos/sin come
+    from ``text_position_embeddings``.
+    """
+
+    layers: frozenset[int]
+    index: torch.Tensor
+    valid: torch.Tensor | None
+    masks: dict[str, torch.Tensor]
+    _cos_sin: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def text_position_embeddings(self, kind: str, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of the text rows [B, 1, T, head_dim] for the layers of attention type ``kind``, gathered from
+        the stock cos/sin of all rows [B or 1, S, head_dim] (whatever RoPE made them: 1-D, M-RoPE, Gemma 3's one per
+        attention type) the first time a layer of that type asks, once per forward."""
+        if kind not in self._cos_sin:
+            rows = self.index[..., :1]
+            batch = rows.shape[0]
+            self._cos_sin[kind] = tuple(
+                t.expand(batch, -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1])).unsqueeze(1)
+                for t in position_embeddings
+            )
+        return self._cos_sin[kind]
+
+
+@dataclass
+class DenseFrozenRows:
+    """The fallback for attention backends that take no per-query mask (flash attention ...): a frozen layer runs
+    the dense layer and resets the ``visual`` [B, S] rows to their input. Exact, but saves nothing."""
+
+    layers: frozenset[int]
+    visual: torch.Tensor
 
 
 class ShortVAttention:
-    """Mixin over a stock attention: with ``shortv``, queries (and ``o_proj``) for the text rows only."""
+    """Mixin over a stock attention: given ``text_index``, queries (and ``o_proj``) for the text rows only.
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, shortv=None, **kwargs):
-        if shortv is None:
+    ``text_index`` [B, T, D], ``text_position_embeddings`` (their cos, sin) and ``text_valid`` come from the layer's
+    ``FrozenRows``; ``attention_mask`` is then the text queries' [B, 1, T, K] mask. Keys and values are computed
+    (and cached) for every row.
+    """
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        text_index=None,
+        text_position_embeddings=None,
+        text_valid=None,
+        **kwargs,
+    ):
+        if text_index is None:
             return super().forward(
                 hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
         cache = _pop_cache(kwargs)
-        kind = kwargs.pop("attention_type")
+        kwargs.pop("position_ids", None)
         batch, seq, _ = hidden_states.shape
-        index = shortv["index"]  # [B, T, D]
-        n_text = index.shape[1]
+        n_text = text_index.shape[1]
         q_norm, k_norm = self._modules.get("q_norm"), self._modules.get("k_norm")  # Gemma 3, Qwen3: per head
 
         key = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -110,13 +148,13 @@ class ShortVAttention:
             key, value = cache.update(key, value, self.layer_idx)
         if n_text == 0:  # only visual tokens here (a prefill chunk): nothing is a query
             return hidden_states.new_zeros(batch, 0, self.o_proj.out_features), None
-        query = self.q_proj(hidden_states.gather(1, index)).view(batch, n_text, -1, self.head_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states.gather(1, text_index)).view(batch, n_text, -1, self.head_dim)
+        query = query.transpose(1, 2)
         if q_norm is not None:
             query = q_norm(query)
-        query = _rope(query, *_text_rows(shortv, position_embeddings, kind))
+        query = _rope(query, *text_position_embeddings)
 
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        kwargs.pop("position_ids", None)
         out, weights = attention(
             self,
             query,
@@ -129,24 +167,17 @@ class ShortVAttention:
         )
         out = self.o_proj(out.reshape(batch, n_text, -1))
         if weights is not None:  # line up with the stock layer's maps: [B, heads, S, K], zero on visual rows
-            if shortv["valid"] is not None:
-                weights = weights * shortv["valid"].unsqueeze(1)
-            rows = index[:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
+            if text_valid is not None:
+                weights = weights * text_valid.unsqueeze(1)
+            rows = text_index[:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
             weights = weights.new_zeros(batch, weights.shape[1], seq, weights.shape[-1]).scatter(2, rows, weights)
         return out, weights
 
 
 class ShortVDecoderLayer:
-    """Mixin over a stock decoder layer: with ``shortv``, the frozen branch, in the stock layer's order.
-
-    ``shortv`` holds what all frozen layers of one forward share: ``layers`` (the ids frozen in this call; any
-    other layer runs the stock code), ``index`` [B, T, D] (each row's text positions first, padded with visual
-    positions, expanded over the hidden size), ``valid`` [B, T, 1] (False on that padding, or None), ``masks``
-    (attention type -> the [B, 1, T, K] mask rows of the text queries) and ``position_embeddings`` (attention
-    type -> cos, sin of the text rows, [B, 1, T, head_dim]; gathered by the first frozen layer of that type when
-    missing). The fallback for other attention backends gets ``visual`` [B, S] only: the dense layer, visual
-    rows reset (exact, nothing saved).
-    """
+    """Mixin over a stock decoder layer: in a layer that ``shortv`` lists, the frozen branch, in the stock layer's
+    order (its input norm on every row, attention with text queries, then ``text_update`` on the text rows only,
+    scattered back into the unchanged visual rows)."""
 
     attention_class: type  # the family's attention with the ShortVAttention mixin
 
@@ -155,23 +186,27 @@ class ShortVDecoderLayer:
         self.self_attn = self.attention_class(config, layer_idx)
         self.attention_type = attention_types(config)[layer_idx]
 
-    def forward(self, hidden_states, attention_mask=None, shortv=None, **kwargs):
-        if shortv is None or self.self_attn.layer_idx not in shortv["layers"]:
+    def forward(self, hidden_states, attention_mask=None, shortv: FrozenRows | DenseFrozenRows | None = None, **kwargs):
+        if shortv is None or self.self_attn.layer_idx not in shortv.layers:
             return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
-        if "visual" in shortv:  # the fallback: dense layer, visual rows reset
+        if isinstance(shortv, DenseFrozenRows):
             out = super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
-            return torch.where(shortv["visual"].unsqueeze(-1), hidden_states, out)
-        index = shortv["index"]
-        residual = hidden_states.gather(1, index)
-        normed = self.input_layernorm(hidden_states)
+            return torch.where(shortv.visual.unsqueeze(-1), hidden_states, out)
         kind = self.attention_type
+        residual = hidden_states.gather(1, shortv.index)
+        normed = self.input_layernorm(hidden_states)
         attn_out, _ = self.self_attn(
-            hidden_states=normed, attention_mask=shortv["masks"][kind], shortv=shortv, attention_type=kind, **kwargs
+            hidden_states=normed,
+            attention_mask=shortv.masks[kind],
+            text_index=shortv.index,
+            text_position_embeddings=shortv.text_position_embeddings(kind, kwargs["position_embeddings"]),
+            text_valid=shortv.valid,
+            **kwargs,
         )
         text = self.text_update(residual, attn_out)
-        if shortv["valid"] is not None:  # padding entries point at visual rows: write those back unchanged
-            text = torch.where(shortv["valid"], text, residual)
-        return hidden_states.scatter(1, index, text)
+        if shortv.valid is not None:  # padding entries point at visual rows: write those back unchanged
+            text = torch.where(shortv.valid, text, residual)
+        return hidden_states.scatter(1, shortv.index, text)
 
     def text_update(self, residual, attn_out):
         """The text rows after the layer, from their input and their attention output, in the stock layer's order
@@ -252,27 +287,85 @@ FROZEN_LAYERS = {  # text model_type -> its decoder layer with the frozen branch
 }
 
 
-def text_rows_inputs(language_model, layers, text_index, valid, masks, position_ids=None) -> dict:
-    """The ``shortv`` argument of the frozen ``layers`` from the text rows ``text_index`` [B, T], their ``valid`` flags
+def visual_rows(input_ids, inputs_embeds, embed: nn.Embedding, token_ids: list[int]) -> torch.Tensor:
+    """[B, S] True where a row holds one of the visual placeholder ``token_ids``: from ``input_ids``, or where
+    ``inputs_embeds`` still hold the placeholder's embedding. Compared one id at a time: a tensor of the ids would be
+    a blocking host-to-device copy on a GPU."""
+    if input_ids is not None:
+        return functools.reduce(torch.logical_or, (input_ids == i for i in token_ids))
+    placeholders = (embed(torch.full((), i, device=inputs_embeds.device)) for i in token_ids)
+    return functools.reduce(torch.logical_or, ((inputs_embeds == e).all(-1) for e in placeholders))
+
+
+def text_index(visual: torch.Tensor, n_visual: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each row's text positions first, in order, then its visual positions, cut to the widest row's text count:
+    ``(index [B, T], valid [B, T] or None)``. ``n_visual`` (the features encoded, known on the host) gives T for a
+    batch of one with no device sync and a fixed shape for torch.compile; a batch reads its widest row (one sync)
+    and marks the visual positions that pad narrower rows as not valid."""
+    batch, seq = visual.shape
+    if batch == 1:
+        width, valid = seq - n_visual, None
+    else:
+        n_text = (~visual).sum(1)
+        width = int(n_text.max())
+        valid = torch.arange(width, device=visual.device) < n_text.unsqueeze(1)
+    return torch.argsort(visual.to(torch.int8), dim=1, stable=True)[:, :width], valid
+
+
+def mask_positions(position_ids, cache, seq: int, device) -> torch.Tensor:
+    """The 1-D positions the stock mask functions see: 2-D position ids as given, the text row of packed 3-D
+    (M-RoPE) ones, or, as the stock text model makes them, the cache length onwards."""
+    if position_ids is not None and position_ids.ndim == 3:
+        position_ids = position_ids[0] if position_ids.shape[0] == 4 else None
+    if position_ids is None:
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = (torch.arange(seq, device=device) + past).unsqueeze(0)
+    return position_ids
+
+
+def text_query_masks(text_config, kinds, attention_mask, cache, position_ids, index, probe) -> dict:
+    """Attention type -> the text queries' rows [B, 1, T, K] of the mask the stock text model builds for that type,
+    additive (SDPA would turn a boolean mask into this in every layer). Built explicitly, because SDPA may otherwise
+    get None ("is_causal"), which aligns a subset of queries wrongly. ``attention_mask``: the padding mask, or the
+    stock model's own masks per type (a dict, e.g. Gemma 3's); ``position_ids``: None when the text model will make
+    its own cache (an empty cache sizes the mask as no cache does, but with one, position ids are never read as
+    packed sequences); ``probe``: an empty [B, S, 0] tensor, the shape and dtype the mask functions read."""
+    batch, dtype = index.shape[0], probe.dtype
+    masks = {}
+    for kind in kinds:
+        mask = attention_mask.get(kind) if isinstance(attention_mask, dict) else None
+        if mask is None:
+            padding = None if isinstance(attention_mask, dict) else attention_mask
+            mask = MASK_FUNCTIONS[kind](
+                text_config, probe, padding, cache, position_ids=position_ids, allow_is_causal_skip=False
+            )
+        mask = mask.expand(batch, -1, -1, -1)
+        mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        masks[kind] = mask
+    return masks
+
+
+def text_rows_inputs(language_model, layers, text_index, valid, masks, position_ids=None) -> FrozenRows:
+    """The ``FrozenRows`` of the frozen ``layers`` from the text rows ``text_index`` [B, T], their ``valid`` flags
     [B, T] (or None) and their ``masks`` (attention type -> [B, 1, T, K]). With ``position_ids`` [B or 1, S] the text
-    rows' cos/sin are computed here (as the text model computes them for all rows, gathered); without, the first
-    frozen layer gathers them from the cos/sin the text model hands it."""
+    rows' cos/sin are computed here (as the text model computes them for all rows, gathered: the ONNX decoder);
+    without, the first frozen layer of each attention type gathers them from the cos/sin the text model hands it."""
     hidden = language_model.config.hidden_size
-    rows = text_index.unsqueeze(-1)
-    shortv = {
-        "layers": frozenset(layers),
-        "index": rows.expand(-1, -1, hidden),
-        "valid": None if valid is None else valid.unsqueeze(-1),
-        "masks": masks,
-        "position_embeddings": {},  # attention type -> cos, sin of the text rows, filled by the first layer of it
-    }
+    rows = FrozenRows(
+        layers=frozenset(layers),
+        index=text_index.unsqueeze(-1).expand(-1, -1, hidden),
+        valid=None if valid is None else valid.unsqueeze(-1),
+        masks=masks,
+    )
     if position_ids is not None:  # one RoPE for every attention type (the families ONNX exports)
         dtype = language_model.embed_tokens.weight.dtype
         probe = torch.empty(text_index.shape[0], position_ids.shape[-1], 0, dtype=dtype, device=text_index.device)
         rope = language_model.rotary_emb(probe, position_ids)
         for kind in masks:
-            _text_rows(shortv, rope, kind)
-    return shortv
+            rows.text_position_embeddings(kind, rope)
+    return rows
 
 
 def _count(features, hidden: int) -> int:
@@ -283,12 +376,13 @@ def _count(features, hidden: int) -> int:
 
 
 class ShortVModelMixin:
-    """Plumbing shared by every family's model: build the frozen layers, find the visual rows, build ``shortv``.
+    """Over a family's stock model: the frozen layers, and the ``FrozenRows`` they share, built once per forward.
 
     A family's model class sets ``visual_token_keys`` (config fields of its visual placeholder tokens),
     ``pixel_keys`` (forward arguments that carry pixels) and ``encode(inputs)`` (the family's own encoder calls,
-    as its stock ``forward`` makes them: modality -> encoder output). The mixin encodes the images first, so the
-    number of visual rows is known on the host, and hands the outputs on as ``mm_encoder_outputs``.
+    as its stock ``forward`` makes them: modality -> encoder output). In a call with pixels (or encoder outputs)
+    the images are encoded first, so the number of visual rows is known on the host, and the outputs are handed
+    on to the stock forward as ``mm_encoder_outputs``; every other call is the stock forward, untouched.
     """
 
     visual_token_keys = ("image_token_id",)
@@ -296,105 +390,35 @@ class ShortVModelMixin:
 
     def __init__(self, config):
         super().__init__(config)
-        self._shortv_init()
+        self.shortv_layers = list(self.config.shortv_layers or [])
+        text_model = self.shortv_text_model()
+        layer_class = FROZEN_LAYERS.get(text_model.config.model_type)
+        if self.shortv_layers and layer_class is None:
+            raise ValueError(
+                f"ShortV supports the text models {', '.join(FROZEN_LAYERS)}, not {text_model.config.model_type!r}"
+            )
+        for i in self.shortv_layers:  # initialised as the stock layer it replaces was
+            frozen = layer_class(text_model.config, i)
+            frozen.load_state_dict(text_model.layers[i].state_dict())
+            text_model.layers[i] = frozen
+        if self.shortv_layers:
+            self._no_split_modules.add(layer_class.__name__)
+        self._shortv_attention_types = attention_types(text_model.config)
+        _warn_if_untested(self.config)
 
     def shortv_text_model(self):
         """The decoder: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""
         return self.language_model if "language_model" in self._modules else self.text_model
-
-    def _shortv_init(self):
-        self.shortv_layers = list(self.config.shortv_layers or [])
-        text_model = self.shortv_text_model()
-        text_config = text_model.config
-        layer_class = FROZEN_LAYERS.get(text_config.model_type)
-        if self.shortv_layers and layer_class is None:
-            raise ValueError(
-                f"ShortV supports the text models {', '.join(FROZEN_LAYERS)}, not {text_config.model_type!r}"
-            )
-        self._shortv_attention_types = attention_types(text_config)
-        for i in self.shortv_layers:
-            text_model.layers[i] = layer_class(text_config, i)
-        if self.shortv_layers:
-            self._no_split_modules.add(layer_class.__name__)
-        # positional arguments of the stock forward, by name (generate and users pass keywords; some pass a few)
-        self._shortv_arg_names = tuple(inspect.signature(super().forward).parameters)
-        _warn_if_untested(self.config)
-
-    def _visual_ids(self) -> list[int]:
-        return [
-            getattr(self.config, key) for key in self.visual_token_keys if getattr(self.config, key, None) is not None
-        ]
-
-    def _shortv_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, n_visual, new_cache):
-        """The ``shortv`` argument of the frozen layers in a call with ``n_visual`` visual features; ``new_cache``:
-        no cache was passed and the text model will make an (empty) one."""
-        embed = self.get_input_embeddings()
-        # Compared one id at a time: a tensor of the ids would be a blocking host-to-device copy on a GPU.
-        if input_ids is not None:
-            visual = functools.reduce(torch.logical_or, (input_ids == i for i in self._visual_ids()))
-        else:  # visual rows still hold the placeholder token's embedding here
-            placeholders = (embed(torch.full((), i, device=inputs_embeds.device)) for i in self._visual_ids())
-            visual = functools.reduce(torch.logical_or, ((inputs_embeds == e).all(-1) for e in placeholders))
-        text_model = self.shortv_text_model()
-        text_config = text_model.config
-        if text_config._attn_implementation not in _MASKED_BACKENDS:
-            logger.warning_once(
-                f"ShortV: attention '{text_config._attn_implementation}' takes no per-query mask; frozen layers "
-                "fall back to the dense layer with visual rows reset (exact, but no compute saved). Use 'sdpa' "
-                "or 'eager' for the speed-up."
-            )
-            return {"layers": frozenset(self.shortv_layers), "visual": visual}
-
-        batch, seq = visual.shape
-        if batch == 1:  # known on the host: no device sync, and a fixed shape for torch.compile
-            width, valid = seq - n_visual, None
-        else:  # the widest row sets the width (one sync); narrower rows are padded with visual positions
-            n_text = (~visual).sum(1)
-            width = int(n_text.max())
-            valid = torch.arange(width, device=visual.device) < n_text.unsqueeze(1)
-        # Text positions of each row first, in order, then its visual positions (stable sort).
-        text_index = torch.argsort(visual.to(torch.int8), dim=1, stable=True)[:, :width]
-        # The 1-D positions the stock mask functions see: 2-D position ids, or the text row of packed 3-D ones.
-        if position_ids is not None and position_ids.ndim == 3:
-            position_ids = position_ids[0] if position_ids.shape[0] == 4 else None
-        if position_ids is None:  # as the stock text model makes them
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(seq, device=visual.device) + past).unsqueeze(0)
-
-        # Each attention type's mask, as the stock text model builds it; explicit, because SDPA may otherwise get
-        # None ("is_causal"), which aligns a subset of queries wrongly. Then the text queries' rows of it, additive
-        # (SDPA would turn a boolean mask into this in every layer).
-        dtype = embed.weight.dtype
-        probe = torch.empty(batch, seq, 0, dtype=dtype, device=visual.device)
-        masks = {}
-        for kind in {self._shortv_attention_types[i] for i in self.shortv_layers}:
-            mask = attention_mask.get(kind) if isinstance(attention_mask, dict) else None
-            if mask is None:
-                padding = None if isinstance(attention_mask, dict) else attention_mask
-                # An empty cache sizes the mask as no cache does; but with one, position ids are never read as
-                # packed sequences (no mask given), so none are handed over when the text model makes its own.
-                mask = MASK_FUNCTIONS[kind](
-                    text_config,
-                    probe,
-                    padding,
-                    cache,
-                    position_ids=None if new_cache else position_ids,
-                    allow_is_causal_skip=False,
-                )
-            mask = mask.expand(batch, -1, -1, -1)
-            mask = mask.gather(2, text_index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-            masks[kind] = mask
-        return text_rows_inputs(text_model, self.shortv_layers, text_index, valid, masks)
 
     def encode(self, inputs: dict) -> dict:
         """modality -> encoder output for the pixels in ``inputs`` (the forward's arguments), as the stock
         forward encodes them."""
         raise NotImplementedError
 
-    def forward(self, *args, **kwargs):
-        kwargs.update(zip(self._shortv_arg_names[: len(args)], args, strict=True))
+    def forward(self, input_ids=None, **kwargs):
+        """The stock forward (keyword arguments after ``input_ids``, as ``generate`` passes them), with the frozen
+        layers' ``FrozenRows`` as ``shortv`` in a call that carries images or videos."""
+        kwargs["input_ids"] = input_ids
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         has_pixels = any(kwargs.get(k) is not None and kwargs[k].shape[0] > 0 for k in self.pixel_keys)
         if self.shortv_layers and (has_pixels or any(v is not None for v in encoded.values())):
@@ -402,38 +426,62 @@ class ShortVModelMixin:
                 for modality, output in self.encode(kwargs).items():
                     if encoded.get(modality) is None:
                         encoded[modality] = output
-                for key in self.pixel_keys:
-                    kwargs[key] = None
-                kwargs["mm_encoder_outputs"] = encoded
-            text_config = self.shortv_text_model().config
-            hidden = text_config.hidden_size
+                kwargs.update(dict.fromkeys(self.pixel_keys), mm_encoder_outputs=encoded)
+            hidden = self.shortv_text_model().config.hidden_size
             n_visual = sum(_count(out.pooler_output, hidden) for out in encoded.values() if out is not None)
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            use_cache = kwargs.get("use_cache")
-            if use_cache is None:  # as the stock forwards default it: the model's config, else the text model's
-                use_cache = getattr(self.config, "use_cache", None)
-            use_cache = text_config.use_cache if use_cache is None else use_cache
-            kwargs["shortv"] = self._shortv_inputs(
-                kwargs.get("input_ids"),
-                kwargs.get("inputs_embeds"),
-                kwargs.get("attention_mask"),
-                kwargs.get("position_ids"),
-                cache,
-                n_visual,
-                new_cache=cache is None and bool(use_cache),
-            )
+            kwargs["shortv"] = self.frozen_rows(kwargs, n_visual)
         return super().forward(**kwargs)
+
+    def frozen_rows(self, inputs: dict, n_visual: int) -> FrozenRows | DenseFrozenRows:
+        """What the frozen layers share in a call with ``inputs`` (the forward's arguments) and ``n_visual``
+        visual features."""
+        embed = self.get_input_embeddings()
+        token_ids = [
+            getattr(self.config, k) for k in self.visual_token_keys if getattr(self.config, k, None) is not None
+        ]
+        visual = visual_rows(inputs.get("input_ids"), inputs.get("inputs_embeds"), embed, token_ids)
+        text_model = self.shortv_text_model()
+        if text_model.config._attn_implementation not in _MASKED_BACKENDS:
+            logger.warning_once(
+                f"ShortV: attention '{text_model.config._attn_implementation}' takes no per-query mask; frozen layers "
+                "fall back to the dense layer with visual rows reset (exact, but no compute saved). Use 'sdpa' "
+                "or 'eager' for the speed-up."
+            )
+            return DenseFrozenRows(frozenset(self.shortv_layers), visual)
+        index, valid = text_index(visual, n_visual)
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        positions = mask_positions(inputs.get("position_ids"), cache, visual.shape[1], visual.device)
+        kinds = {self._shortv_attention_types[i] for i in self.shortv_layers}
+        probe = torch.empty(*visual.shape, 0, dtype=embed.weight.dtype, device=visual.device)
+        masks = text_query_masks(
+            text_model.config,
+            kinds,
+            inputs.get("attention_mask"),
+            cache,
+            None if cache is None and self._makes_cache(inputs) else positions,
+            index,
+            probe,
+        )
+        return text_rows_inputs(text_model, self.shortv_layers, index, valid, masks)
+
+    def _makes_cache(self, inputs: dict) -> bool:
+        """Whether the stock forward's text model will make a cache: ``use_cache`` from the call, else the model's
+        config, else the text model's (as the stock forwards default it)."""
+        use_cache = inputs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", None)
+        return bool(self.shortv_text_model().config.use_cache if use_cache is None else use_cache)
 
 
 class ShortVForConditionalGenerationMixin:
-    """Over a stock ``...ForConditionalGeneration``: its ``__init__`` with ``shortv_model_class`` (the family's
-    ShortV model) in place of the stock model, which the stock ``__init__`` would build."""
+    """Over a stock ``...ForConditionalGeneration``: its ``__init__``, with ``shortv_model_class`` (the family's
+    ShortV model) in place of the stock model. (Every family's own PreTrainedModel keeps the transformers base's
+    ``__init__``, so that is what runs first.)"""
 
     shortv_model_class: type
 
     def __init__(self, config):
-        pretrained = next(c for c in type(self).__mro__ if c.__name__.endswith("PreTrainedModel"))
-        pretrained.__init__(self, config)  # the family's PreTrainedModel: config, attention backend, ...
+        PreTrainedModel.__init__(self, config)
         self.model = self.shortv_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
