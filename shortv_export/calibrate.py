@@ -24,6 +24,7 @@ from .data import CalibrationSet, prompt_batch
 from .errors import ShortVError
 from .load import Source
 from .modeling.modeling_shortv import MASK_FUNCTIONS, attention_types
+from .util import progress_bar
 
 MODALITIES = ("visual", "both")
 
@@ -312,7 +313,7 @@ def calibrate(
     if modality == "both":
         sums["text"] = torch.zeros(num_layers, dtype=torch.float64)
     n_batches = math.ceil(len(calib.samples) / batch_size)
-    bar = _bar(n_batches * num_layers * len(sums), "calibrating LC", progress, unit="layer")
+    bar = progress_bar(n_batches * num_layers * len(sums), "calibrating LC", progress, unit="layer")
     tokens = {"visual": 0, "text": 0}
     forwards = 0
     for samples in _batches(calib, batch_size):
@@ -350,7 +351,7 @@ def fidelity(
 ) -> dict[str, Any]:
     """All ``layers`` frozen together vs the original: mean KL and top-1 next-token agreement."""
     kl, agree = 0.0, 0
-    bar = _bar(len(calib.samples), "checking fidelity", progress, unit="sample")
+    bar = progress_bar(len(calib.samples), "checking fidelity", progress, unit="sample")
     for samples in _batches(calib, batch_size):
         batch = _Batch(model, processor, samples, cache_device)
         log_p = batch.run_from(min(layers), batch.visual, set(layers))
@@ -388,9 +389,3 @@ def lc_plot_png(lc: LCResult, path: Path, title: str = "") -> bool:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return True
-
-
-def _bar(total: int, desc: str, enabled: bool, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
