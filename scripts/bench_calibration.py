@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def brute_force(model, processor, calib, batch_size: int) -> tuple[list[float], int]:
-    from shortv_export.calibrate import _batches, _kl
+    from shortv_export.calibrate import _batches
     from shortv_export.data import format_prompt
+    from shortv_export.numerics import kl
 
     layers = model.model.language_model.layers
     totals = [0.0] * len(layers)
@@ -61,7 +62,7 @@ def brute_force(model, processor, calib, batch_size: int) -> tuple[list[float], 
                 finally:
                     handle.remove()
                 forwards += len(layers)
-                totals[i] += float(_kl(out.float().log_softmax(-1), reference).double().sum())
+                totals[i] += float(kl(out.float().log_softmax(-1), reference).double().sum())
     n = len(calib.samples)
     return [t / n for t in totals], forwards
 

@@ -27,8 +27,7 @@ from conftest import batch, processor_for  # noqa: E402
 from oracle import oracle_hooks  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
-from shortv_export.calibrate import visual_token_ids  # noqa: E402
-from shortv_export.models import load_shortv  # noqa: E402
+from shortv_export.models import load_shortv, visual_token_ids  # noqa: E402
 from shortv_export.tiny import FAMILIES, save_tiny  # noqa: E402
 
 FROZEN = [4, 1, 3]

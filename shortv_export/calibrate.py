@@ -24,6 +24,9 @@ from .data import CalibrationSet, prompt_batch
 from .errors import ShortVError
 from .load import Source
 from .modeling.modeling_shortv import MASK_FUNCTIONS, attention_types
+from .models import text_model, visual_token_ids
+from .numerics import kl, resolve_dtype
+from .util import progress_bar
 
 MODALITIES = ("visual", "both")
 
@@ -101,17 +104,6 @@ def reusable(lc_file: Path, key: dict[str, Any]) -> LCResult | None:
     return stored if same else None
 
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str, device: str | None, device_map: str | None) -> torch.dtype:
-    """``--dtype``: 'auto' is fp32 on CPU and bf16 on GPUs."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.float32 if device == "cpu" and device_map is None else torch.bfloat16
-
-
 def load_model(source: Source, *, device: str | None = None, dtype: str = "auto", device_map: str | None = None):
     """The base model (stock class, one copy) and its processor, ready for calibration. The processor loads first:
     if it cannot (a missing package), that is said before the weights are read."""
@@ -134,16 +126,6 @@ def load_base_model(source: Source, *, device: str | None = None, dtype: str = "
     if not device_map:
         model.to(device)
     return model
-
-
-def text_model(model):
-    """The decoder of a stock VLM: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""
-    return model.model.language_model if "language_model" in model.model._modules else model.model.text_model
-
-
-def visual_token_ids(config) -> list[int]:
-    """The placeholder tokens whose rows hold image (and video) features."""
-    return [getattr(config, k) for k in ("image_token_id", "video_token_id") if getattr(config, k, None) is not None]
 
 
 class _Captured(Exception):
@@ -276,18 +258,6 @@ def _cache_device(hidden: torch.Tensor, num_layers: int) -> torch.device:
     return hidden.device if needed < free // 2 else torch.device("cpu")
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q) per row, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q.to(log_p.device))).sum(-1)
-
-
-def kl_and_top1(reference_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
-    """Mean KL(P || P_ref) over rows and the share of rows whose argmax agrees, from last-position logits."""
-    log_p, log_q = logits.double().log_softmax(-1), reference_logits.double().log_softmax(-1)
-    kl = float(_kl(log_p, log_q).mean())
-    return kl, float((logits.argmax(-1) == reference_logits.argmax(-1)).double().mean())
-
-
 def _batches(calib: CalibrationSet, batch_size: int):
     for start in range(0, len(calib.samples), batch_size):
         yield calib.samples[start : start + batch_size]
@@ -312,7 +282,7 @@ def calibrate(
     if modality == "both":
         sums["text"] = torch.zeros(num_layers, dtype=torch.float64)
     n_batches = math.ceil(len(calib.samples) / batch_size)
-    bar = _bar(n_batches * num_layers * len(sums), "calibrating LC", progress, unit="layer")
+    bar = progress_bar(n_batches * num_layers * len(sums), "calibrating LC", progress, unit="layer")
     tokens = {"visual": 0, "text": 0}
     forwards = 0
     for samples in _batches(calib, batch_size):
@@ -322,7 +292,7 @@ def calibrate(
         for name, total in sums.items():
             rows = batch.visual if name == "visual" else batch.text
             for layer in range(num_layers):
-                total[layer] += _kl(batch.run_from(layer, rows, {layer}), batch.log_probs).double().sum().cpu()
+                total[layer] += kl(batch.run_from(layer, rows, {layer}), batch.log_probs).double().sum().cpu()
                 bar.update(1)
         forwards += batch.layer_forwards
     bar.close()
@@ -349,17 +319,17 @@ def fidelity(
     cache_device=None,
 ) -> dict[str, Any]:
     """All ``layers`` frozen together vs the original: mean KL and top-1 next-token agreement."""
-    kl, agree = 0.0, 0
-    bar = _bar(len(calib.samples), "checking fidelity", progress, unit="sample")
+    total_kl, agree = 0.0, 0
+    bar = progress_bar(len(calib.samples), "checking fidelity", progress, unit="sample")
     for samples in _batches(calib, batch_size):
         batch = _Batch(model, processor, samples, cache_device)
         log_p = batch.run_from(min(layers), batch.visual, set(layers))
-        kl += float(_kl(log_p, batch.log_probs).double().sum())
+        total_kl += float(kl(log_p, batch.log_probs).double().sum())
         agree += int((log_p.argmax(-1) == batch.log_probs.argmax(-1).to(log_p.device)).sum())
         bar.update(len(samples))
     bar.close()
     n = len(calib.samples)
-    return {"layers": list(layers), "mean_kl": kl / n, "top1_agreement": agree / n, "samples": n}
+    return {"layers": list(layers), "mean_kl": total_kl / n, "top1_agreement": agree / n, "samples": n}
 
 
 def lc_plot_png(lc: LCResult, path: Path, title: str = "") -> bool:
@@ -388,9 +358,3 @@ def lc_plot_png(lc: LCResult, path: Path, title: str = "") -> bool:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return True
-
-
-def _bar(total: int, desc: str, enabled: bool, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled)

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import ShortVError
 from .families import FAMILIES
+from .util import hub_offline, one_line
 
 # What a conversion needs from a Hub repo: configs, tokenizer/processor files, chat template, safetensors.
 PROCESSOR_PATTERNS = ["*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken", "README.md"]
@@ -71,7 +72,7 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
         path, files = _download(model, revision, config_only), None
         repo_id = model
     if files is None:
-        local_listing = not config_only or _offline()
+        local_listing = not config_only or hub_offline()
         files = sorted(p.name for p in path.iterdir() if p.is_file()) if local_listing else _hub_files(model, revision)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -109,7 +110,7 @@ def load_processor(path: str | Path):
                 return image_only_processor(path)
             except Exception:
                 pass
-        raise ShortVError(f"the processor in {path} does not load: {_short(err)}") from None
+        raise ShortVError(f"the processor in {path} does not load: {one_line(err)}") from None
     finally:
         logging.set_verbosity(level)
 
@@ -289,15 +290,15 @@ def _hub_call(model: str, fn, *args, **kwargs):
         raise ShortVError(f"{model}: revision {kwargs.get('revision')!r} not found on the Hub") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as err:
         raise ShortVError(
-            f"{model} is not a local folder and the Hub cannot be reached ({_short(err)}); "
+            f"{model} is not a local folder and the Hub cannot be reached ({one_line(err)}); "
             "check your connection or HF_HUB_OFFLINE, or pass a local folder"
         ) from None
     except EntryNotFoundError as err:
-        raise ShortVError(f"{model}: {_short(err)}") from None
+        raise ShortVError(f"{model}: {one_line(err)}") from None
     except HfHubHTTPError as err:
-        raise ShortVError(f"{model}: the Hub answered {_short(err)}") from None
+        raise ShortVError(f"{model}: the Hub answered {one_line(err)}") from None
     except OSError as err:  # connection errors surface as OSError subclasses
-        raise ShortVError(f"{model}: could not reach the Hub ({_short(err)})") from None
+        raise ShortVError(f"{model}: could not reach the Hub ({one_line(err)})") from None
 
 
 def _download(model: str, revision: str | None, config_only: bool) -> Path:
@@ -306,7 +307,7 @@ def _download(model: str, revision: str | None, config_only: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = PROCESSOR_PATTERNS if config_only else HUB_PATTERNS
-    if _offline():
+    if hub_offline():
         try:
             return Path(snapshot_download(model, revision=revision, allow_patterns=patterns, local_files_only=True))
         except Exception:
@@ -316,12 +317,6 @@ def _download(model: str, revision: str | None, config_only: bool) -> Path:
             ) from None
     _check_reachable(model)
     return Path(_hub_call(model, snapshot_download, model, revision=revision, allow_patterns=patterns))
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _check_reachable(model: str, timeout: float = 3.0) -> None:
@@ -350,8 +345,3 @@ def _hub_files(model: str, revision: str | None) -> list[str]:
     from huggingface_hub import HfApi
 
     return sorted(_hub_call(model, HfApi().list_repo_files, model, revision=revision))
-
-
-def _short(err: BaseException) -> str:
-    """The whole reason, on one line."""
-    return " ".join(str(err).split())

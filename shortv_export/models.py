@@ -1,4 +1,5 @@
-"""The ShortV model classes as the library sees them: config building and in-process loading."""
+"""The ShortV model classes as the library sees them: config building and in-process loading; and the stock
+model's structure the stages read (its decoder, its visual placeholder tokens)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ MODELING_DIR = Path(configs.__file__).resolve().parent  # the repo's modeling/, 
 def modeling_files(base_type: str) -> tuple[str, ...]:
     """The model files a checkpoint of ``base_type`` carries: the shared two and its family's."""
     return (*SHARED_FILES, SUPPORTED[base_type].modeling_file)
+
+
+def text_model(model):
+    """The decoder of a stock VLM: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""
+    return model.model.language_model if "language_model" in model.model._modules else model.model.text_model
+
+
+def visual_token_ids(config) -> list[int]:
+    """The placeholder tokens whose rows hold image (and video) features."""
+    return [getattr(config, k) for k in ("image_token_id", "video_token_id") if getattr(config, k, None) is not None]
 
 
 def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ShortVError
+from .util import hub_offline, one_line
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Publisher:
         self.private, self.revision, self.create_pr = private, revision, create_pr
         self.repo_id = repo_id
         check_push_options(revision, create_pr)
-        if _offline():
+        if hub_offline():
             raise ShortVError(self.failed("the Hub is in offline mode (HF_HUB_OFFLINE=1); unset it"))
         token = get_token()  # HF_TOKEN, then the saved login; never printed
         if not token:
@@ -97,12 +98,6 @@ def _head(api, repo_id, revision) -> str | None:
         return None
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 class _hub_errors:
     """Turn huggingface_hub / network exceptions into one ShortVError line."""
 
@@ -126,15 +121,9 @@ class _hub_errors:
             why = "the token may not write to this repo (403): use a write token, or a --repo-id you own"
         elif isinstance(err, HfHubHTTPError):
             status = err.response.status_code if err.response is not None else "?"
-            why = f"the Hub answered {status}: {_first_line(err)}"
+            why = f"the Hub answered {status}: {one_line(err, 200)}"
         elif isinstance(err, (httpx2.TransportError, OSError)):
-            why = f"could not reach the Hub ({type(err).__name__}: {_first_line(err)})"
+            why = f"could not reach the Hub ({type(err).__name__}: {one_line(err, 200)})"
         else:
             return False
         raise ShortVError(self.publisher.failed(why)) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= 200 else line[:197] + "..."

@@ -7,13 +7,22 @@ q/k/v biases) and Idefics3 / SmolVLM (SigLIP-like tower, pixel-shuffle connector
 built from their stock configs at toy sizes. Each has a real processor (the family's image processor and
 processor class, a word-level tokenizer with the family's special tokens, a chat template in the family's
 format) and is saved with ``save_pretrained``, so it exercises the same loading code as a Hub checkpoint.
+
+``build_tiny`` builds LLaVA / LLaVA-NeXT with any of TEXT_KINDS; ``build_family`` every other family of
+``families.FAMILIES`` (NEW_FAMILIES) from its row in ``_RECIPES``: its config, its processor, its special tokens.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from . import families
 
 # Words the tokenizer knows; everything else maps to <unk>. Covers the default calibration prompts.
 _WORDS = (
@@ -98,6 +107,9 @@ def text_config(text: str, **common):
     raise ValueError(f"text must be one of {', '.join(TEXT_KINDS)}, got {text!r}")
 
 
+_LLAVA_KINDS = {"llava": "Llava", "llava_next": "LlavaNext"}  # kind -> transformers' class-name stem
+
+
 def build_tiny(
     kind: str = "llava",
     num_layers: int = 6,
@@ -111,57 +123,56 @@ def build_tiny(
 ):
     """Return ``(model, processor)`` for a tiny random ``kind`` ('llava' or 'llava_next') checkpoint whose text
     model is ``text`` (one of TEXT_KINDS), with 4 attention heads and ``kv_heads`` key/value heads."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-        LlavaProcessor,
-    )
-
     tokenizer = make_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(**TINY_TOWER, image_size=image_size, patch_size=patch, projection_dim=32)
     text_model = text_config(text, **_text_settings(tokenizer, hidden, num_layers, kv_heads, init_std))
+    if kind not in _LLAVA_KINDS:
+        raise ValueError(f"kind must be 'llava' or 'llava_next', got {kind!r}")
+    config = _llava_config(kind, tokenizer, text_model, image_size, patch)
+    torch.manual_seed(seed)
+    model = _stock(f"{_LLAVA_KINDS[kind]}ForConditionalGeneration")(config)
+    processor = _llava_processor(kind, tokenizer, image_size, patch)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), processor
+
+
+def _llava_config(kind: str, tokenizer, text_model, image_size: int, patch: int):
+    """LLaVA-1.5's config (a fixed count of visual tokens) or LLaVA-NeXT's (anyres tiles): a CLIP tower whose
+    second-to-last layer's patch features are projected into ``text_model``."""
+    vision = _stock("CLIPVisionConfig")(**TINY_TOWER, image_size=image_size, patch_size=patch, projection_dim=32)
     common = dict(
         vision_config=vision,
         text_config=text_model,
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    image_kwargs = dict(
+    if kind == "llava":
+        return _stock("LlavaConfig")(**common, image_seq_length=(image_size // patch) ** 2)
+    return _stock("LlavaNextConfig")(**common, image_grid_pinpoints=_pinpoints(image_size))
+
+
+def _llava_processor(kind: str, tokenizer, image_size: int, patch: int):
+    """LlavaProcessor with a CLIP image processor, or LlavaNextProcessor with its anyres one."""
+    image_settings = dict(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=[0.48145466, 0.4578275, 0.40821073],
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    proc_kwargs = dict(
+    if kind == "llava":
+        image_processor = _stock("CLIPImageProcessor")(**image_settings)
+    else:
+        image_processor = _stock("LlavaNextImageProcessor")(
+            **image_settings, image_grid_pinpoints=_pinpoints(image_size)
+        )
+    return _stock(f"{_LLAVA_KINDS[kind]}Processor")(
+        image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    torch.manual_seed(seed)
-    if kind == "llava":
-        config = LlavaConfig(**common, image_seq_length=(image_size // patch) ** 2)
-        model = LlavaForConditionalGeneration(config)
-        processor = LlavaProcessor(image_processor=CLIPImageProcessor(**image_kwargs), **proc_kwargs)
-    elif kind == "llava_next":
-        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
-        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
-        model = LlavaNextForConditionalGeneration(config)
-        image_processor = LlavaNextImageProcessor(**image_kwargs, image_grid_pinpoints=pinpoints)
-        processor = LlavaNextProcessor(image_processor=image_processor, **proc_kwargs)
-    else:
-        raise ValueError(f"kind must be 'llava' or 'llava_next', got {kind!r}")
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), processor
 
 
 def save_tiny(path: str | Path, kind: str = "llava", **kwargs) -> Path:
@@ -173,49 +184,20 @@ def save_tiny(path: str | Path, kind: str = "llava", **kwargs) -> Path:
     return path
 
 
-# The families beyond LLaVA / LLaVA-NeXT: their placeholder tokens and chat formats.
-_QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-_QWEN_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_ONEVISION_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
-    "{% elif item['type'] == 'video' %}<video>\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-_IDEFICS3_SPECIALS = (
-    "<fake_token_around_image>",
-    "<global-img>",
-    "<end_of_utterance>",
-    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
-)
-_IDEFICS3_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
-    "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-_GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-_GEMMA3_TEMPLATE = (
-    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-_MISTRAL3_SPECIALS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
-_MISTRAL3_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}[IMG]"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}[/INST]"
-    "{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
-)
-NEW_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "mistral3")
+# The families beyond LLaVA / LLaVA-NeXT (the other rows of families.FAMILIES), each built from its _Recipe.
+NEW_FAMILIES = tuple(kind for kind in families.FAMILIES if kind not in _LLAVA_KINDS)
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one family beyond LLaVA / LLaVA-NeXT is built at toy size."""
+
+    stem: str  # transformers' class-name stem: {stem}Config, {stem}ForConditionalGeneration, {stem}Processor
+    text: str  # its own text model (the decoder layer's kind, as in FAMILIES)
+    specials: tuple[str, ...]  # the tokenizer's placeholder and chat-format tokens
+    config: Callable[[str, Any, dict], dict]  # (kind, tokenizer, text settings) -> the config's arguments
+    processor: Callable[[str, Any], Any]  # (kind, tokenizer) -> the processor
+    named: dict[str, str] | None = None  # special tokens the processor reads by name
 
 
 def build_family(
@@ -229,168 +211,266 @@ def build_family(
 ):
     """``(model, processor)`` for a tiny random checkpoint of ``kind`` (one of NEW_FAMILIES): 4 attention heads,
     ``kv_heads`` key/value heads, images of a few to a few dozen visual tokens."""
-    import importlib.util
-
-    import transformers
-
-    own = {"idefics3": "llama", "smolvlm": "llama", "gemma3": "gemma3", "mistral3": "mistral"}.get(kind, "qwen2")
-    if text not in (None, own):
-        raise ValueError(f"{kind} has its own text model, not {text!r}")
-    specials = {
-        "qwen2_vl": _QWEN_SPECIALS,
-        "qwen2_5_vl": _QWEN_SPECIALS,
-        "qwen3_vl": _QWEN_SPECIALS,
-        "llava_onevision": ("<video>", *_QWEN_SPECIALS[:2]),
-        "gemma3": (*_GEMMA3_NAMED.values(), "<start_of_turn>", "<end_of_turn>"),
-        "mistral3": _MISTRAL3_SPECIALS,
-    }
-    tokenizer = make_tokenizer(specials.get(kind, _IDEFICS3_SPECIALS), _GEMMA3_NAMED if kind == "gemma3" else None)
-    token = tokenizer.convert_tokens_to_ids
-    text = _text_settings(tokenizer, hidden, num_layers, kv_heads, init_std)
+    recipe = _recipe(kind, text)
+    tokenizer = make_tokenizer(recipe.specials, recipe.named)
+    settings = _text_settings(tokenizer, hidden, num_layers, kv_heads, init_std)
+    config = _stock(f"{recipe.stem}Config")(**recipe.config(kind, tokenizer, settings))
     torch.manual_seed(seed)
-    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        head_dim = hidden // 4
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope(head_dim)}
-        vision = dict(depth=2, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2)
-        if kind == "qwen2_vl":
-            vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
-        elif kind == "qwen2_5_vl":
-            vision.update(
-                hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=28, fullatt_block_indexes=[1]
-            )
-        else:  # interleaved M-RoPE (t, h, w alternate over the frequencies); deepstack from both vision layers
-            text["head_dim"] = head_dim
-            text["rope_parameters"].update(
-                mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True
-            )
-            vision.update(
-                hidden_size=32,
-                intermediate_size=64,
-                out_hidden_size=hidden,
-                num_position_embeddings=16,
-                deepstack_visual_indexes=[0, 1],
-            )
-        names = {
-            "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
-            "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
-            "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
-        }[kind]
-        config = getattr(transformers, names[0])(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=token("<|image_pad|>"),
-            video_token_id=token("<|video_pad|>"),
-            vision_start_token_id=token("<|vision_start|>"),
-            vision_end_token_id=token("<|vision_end|>"),
-            **_special_ids(tokenizer),
-        )
-        model = getattr(transformers, names[1])(config)
-        image_processor = _image_processor(
-            "Qwen2VLImageProcessor",
-            size={"shortest_edge": 4 * 14 * 14, "longest_edge": 16 * 14 * 14},
-            patch_size=7,
-            merge_size=2,
-            temporal_patch_size=2,
-        )
-        processor = _image_only(names[2], image_processor, tokenizer, _QWEN_TEMPLATE)
-    elif kind == "llava_onevision":
-        vision = _siglip()
-        pinpoints = [[28, 56], [56, 28], [56, 56]]
-        config = transformers.LlavaOnevisionConfig(
-            vision_config=vision,
-            text_config=transformers.Qwen2Config(**text),
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            video_token_id=token("<video>"),
-            vision_feature_select_strategy="full",
-            vision_feature_layer=-1,
-            image_grid_pinpoints=pinpoints,
-            **_special_ids(tokenizer),
-        )
-        model = transformers.LlavaOnevisionForConditionalGeneration(config)
-        image_processor = _image_processor(
-            "LlavaOnevisionImageProcessor",
-            size={"height": 28, "width": 28},
-            image_grid_pinpoints=pinpoints,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
-        processor = _image_only(
-            "LlavaOnevisionProcessor",
-            image_processor,
-            tokenizer,
-            _ONEVISION_TEMPLATE,
-            num_image_tokens=16,
-            vision_feature_select_strategy="full",
-            image_token="<image>",
-            video_token="<video>",
-        )
-    elif kind in ("idefics3", "smolvlm"):
-        prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
-        vision = dict(TINY_TOWER, image_size=28, patch_size=7)
-        config = getattr(transformers, f"{prefix}Config")(
-            vision_config=vision,
-            text_config=text,
-            scale_factor=2,
-            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-            **_special_ids(tokenizer),
-        )
-        model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
-        image_processor = _image_processor(
-            f"{prefix}ImageProcessor",
-            size={"longest_edge": 56},
-            max_image_size={"longest_edge": 28},
-            do_image_splitting=True,
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        )
-        extra = {} if kind == "idefics3" else {"video_processor": None}
-        processor = _image_only(
-            f"{prefix}Processor", image_processor, tokenizer, _IDEFICS3_TEMPLATE, image_seq_len=4, **extra
-        )
-    elif kind == "gemma3":  # sliding and global layers mixed; a 6-token window, shorter than every prompt
-        kinds = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
-        text.update(
-            head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=SLIDING_WINDOW, layer_types=kinds
-        )
-        vision = _siglip()
-        config = transformers.Gemma3Config(
-            text_config=text,
-            vision_config=vision,
-            mm_tokens_per_image=4,
-            image_token_index=token("<image_soft_token>"),
-            boi_token_index=token("<start_of_image>"),
-            eoi_token_index=token("<end_of_image>"),
-            **_special_ids(tokenizer),
-        )
-        model = transformers.Gemma3ForConditionalGeneration(config)
-        image_processor = _image_processor("Gemma3ImageProcessor", size={"height": 28, "width": 28})
-        processor = transformers.Gemma3Processor(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=_GEMMA3_TEMPLATE, image_seq_length=4
-        )
-    elif kind == "mistral3":  # Pixtral tower (2-D RoPE, any aspect), 2x2 spatial merge, Mistral decoder
-        vision = transformers.PixtralVisionConfig(**TINY_TOWER, image_size=56, patch_size=7, head_dim=16)
-        config = transformers.Mistral3Config(
-            vision_config=vision,
-            text_config=transformers.MistralConfig(**text),
-            image_token_index=token("[IMG]"),
-            spatial_merge_size=2,
-            vision_feature_layer=-1,
-            tie_word_embeddings=False,
-        )
-        model = transformers.Mistral3ForConditionalGeneration(config)
-        image_processor = _image_processor(
-            "PixtralImageProcessor", size={"longest_edge": 56}, patch_size={"height": 14, "width": 14}
-        )
-        settings = dict(patch_size=7, spatial_merge_size=2, chat_template=_MISTRAL3_TEMPLATE)
-        if importlib.util.find_spec("torchvision") is not None:
-            processor = transformers.PixtralProcessor(image_processor, tokenizer, **settings)
-        else:
-            processor = PixtralFiles(image_processor, tokenizer, **settings)
-    else:
-        raise ValueError(f"kind must be one of {', '.join(('llava', 'llava_next', *NEW_FAMILIES))}, got {kind!r}")
+    model = _stock(f"{recipe.stem}ForConditionalGeneration")(config)
+    processor = recipe.processor(kind, tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), processor
+
+
+def _recipe(kind: str, text: str | None) -> _Recipe:
+    """The recipe of ``kind``; ValueError for a kind build_family does not build or a text model not its own."""
+    if kind not in NEW_FAMILIES:
+        raise ValueError(f"kind must be one of {', '.join(('llava', 'llava_next', *NEW_FAMILIES))}, got {kind!r}")
+    recipe = _RECIPES[kind]
+    if text not in (None, recipe.text):
+        raise ValueError(f"{kind} has its own text model, not {text!r}")
+    return recipe
+
+
+# Qwen2-VL / Qwen2.5-VL / Qwen3-VL: their own vision towers (7 px patches, merged 2x2), M-RoPE, q/k/v biases.
+_QWEN_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _qwen_vl_config(kind: str, tokenizer, text: dict) -> dict:
+    token = tokenizer.convert_tokens_to_ids
+    return dict(
+        text_config=_qwen_text(kind, text),
+        vision_config=_qwen_vision(kind, text["hidden_size"]),
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+        **_special_ids(tokenizer),
+    )
+
+
+def _qwen_text(kind: str, text: dict) -> dict:
+    """The text settings with M-RoPE: Qwen2-VL's 2:3:3 sections; Qwen3-VL's interleaved (t, h, w alternate over
+    the frequencies)."""
+    head_dim = text["hidden_size"] // 4
+    text = dict(
+        text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope(head_dim)}
+    )
+    if kind == "qwen3_vl":
+        text["head_dim"] = head_dim
+        text["rope_parameters"].update(
+            mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True
+        )
+    return text
+
+
+def _qwen_vision(kind: str, hidden: int) -> dict:
+    """A 2-layer tower of the family's kind, projecting to the text model's width ``hidden``."""
+    vision = dict(depth=2, num_heads=2, patch_size=7, spatial_merge_size=2, temporal_patch_size=2)
+    if kind == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=hidden, mlp_ratio=2)
+    elif kind == "qwen2_5_vl":  # windowed attention but in its last layer
+        vision.update(
+            hidden_size=32, intermediate_size=64, out_hidden_size=hidden, window_size=28, fullatt_block_indexes=[1]
+        )
+    else:  # Qwen3-VL: deepstack from both vision layers
+        vision.update(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=hidden,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+        )
+    return vision
+
+
+def _qwen_vl_processor(kind: str, tokenizer):
+    image_processor = _image_processor(
+        "Qwen2VLImageProcessor",
+        size={"shortest_edge": 4 * 14 * 14, "longest_edge": 16 * 14 * 14},
+        patch_size=7,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    return _processor(kind, image_processor, tokenizer, _QWEN_TEMPLATE)
+
+
+# LLaVA-OneVision: SigLIP, anyres-max tiles, Qwen2.
+_ONEVISION_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'video' %}<video>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _onevision_config(kind: str, tokenizer, text: dict) -> dict:
+    token = tokenizer.convert_tokens_to_ids
+    return dict(
+        vision_config=_siglip(),
+        text_config=_stock("Qwen2Config")(**text),
+        image_token_id=token("<image>"),
+        video_token_id=token("<video>"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=_pinpoints(28),
+        **_special_ids(tokenizer),
+    )
+
+
+def _onevision_processor(kind: str, tokenizer):
+    image_processor = _image_processor(
+        "LlavaOnevisionImageProcessor",
+        size={"height": 28, "width": 28},
+        image_grid_pinpoints=_pinpoints(28),
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return _processor(
+        kind,
+        image_processor,
+        tokenizer,
+        _ONEVISION_TEMPLATE,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        image_token="<image>",
+        video_token="<video>",
+    )
+
+
+# Idefics3 / SmolVLM: a SigLIP-like tower, pixel-shuffle connector, image splitting, Llama.
+_IDEFICS3_SPECIALS = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+_IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _idefics3_config(kind: str, tokenizer, text: dict) -> dict:
+    return dict(
+        vision_config=dict(TINY_TOWER, image_size=28, patch_size=7),
+        text_config=text,
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        **_special_ids(tokenizer),
+    )
+
+
+def _idefics3_processor(kind: str, tokenizer):
+    image_processor = _image_processor(
+        f"{_RECIPES[kind].stem}ImageProcessor",
+        size={"longest_edge": 56},
+        max_image_size={"longest_edge": 28},
+        do_image_splitting=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return _processor(kind, image_processor, tokenizer, _IDEFICS3_TEMPLATE, image_seq_len=4)
+
+
+# Gemma 3: SigLIP, sliding and global layers mixed (a 6-token window, shorter than every prompt).
+_GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+_GEMMA3_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _gemma3_config(kind: str, tokenizer, text: dict) -> dict:
+    hidden, num_layers = text["hidden_size"], text["num_hidden_layers"]
+    kinds = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    text = dict(
+        text, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4, sliding_window=SLIDING_WINDOW, layer_types=kinds
+    )
+    token = tokenizer.convert_tokens_to_ids
+    return dict(
+        text_config=text,
+        vision_config=_siglip(),
+        mm_tokens_per_image=4,
+        image_token_index=token("<image_soft_token>"),
+        boi_token_index=token("<start_of_image>"),
+        eoi_token_index=token("<end_of_image>"),
+        **_special_ids(tokenizer),
+    )
+
+
+def _gemma3_processor(kind: str, tokenizer):
+    image_processor = _image_processor("Gemma3ImageProcessor", size={"height": 28, "width": 28})
+    return _processor(kind, image_processor, tokenizer, _GEMMA3_TEMPLATE, image_seq_length=4)
+
+
+# Mistral 3: a Pixtral tower (2-D RoPE, any aspect), 2x2 spatial merge, Mistral decoder.
+_MISTRAL3_SPECIALS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
+_MISTRAL3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST]"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}[IMG]"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}[/INST]"
+    "{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
+)
+
+
+def _mistral3_config(kind: str, tokenizer, text: dict) -> dict:
+    return dict(
+        vision_config=_stock("PixtralVisionConfig")(**TINY_TOWER, image_size=56, patch_size=7, head_dim=16),
+        text_config=_stock("MistralConfig")(**text),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+
+
+def _mistral3_processor(kind: str, tokenizer):
+    """PixtralProcessor; without torchvision (which it imports), PixtralFiles, which saves the same files."""
+    image_processor = _image_processor(
+        "PixtralImageProcessor", size={"longest_edge": 56}, patch_size={"height": 14, "width": 14}
+    )
+    settings = dict(patch_size=7, spatial_merge_size=2, chat_template=_MISTRAL3_TEMPLATE)
+    if _has_torchvision():
+        return _stock("PixtralProcessor")(image_processor, tokenizer, **settings)
+    return PixtralFiles(image_processor, tokenizer, **settings)
+
+
+_RECIPES = {
+    "llava_onevision": _Recipe(
+        "LlavaOnevision", "qwen2", ("<video>", *_QWEN_SPECIALS[:2]), _onevision_config, _onevision_processor
+    ),
+    "qwen2_vl": _Recipe("Qwen2VL", "qwen2", _QWEN_SPECIALS, _qwen_vl_config, _qwen_vl_processor),
+    "qwen2_5_vl": _Recipe("Qwen2_5_VL", "qwen2", _QWEN_SPECIALS, _qwen_vl_config, _qwen_vl_processor),
+    "qwen3_vl": _Recipe("Qwen3VL", "qwen2", _QWEN_SPECIALS, _qwen_vl_config, _qwen_vl_processor),
+    "idefics3": _Recipe("Idefics3", "llama", _IDEFICS3_SPECIALS, _idefics3_config, _idefics3_processor),
+    "smolvlm": _Recipe("SmolVLM", "llama", _IDEFICS3_SPECIALS, _idefics3_config, _idefics3_processor),
+    "gemma3": _Recipe(
+        "Gemma3",
+        "gemma3",
+        (*_GEMMA3_NAMED.values(), "<start_of_turn>", "<end_of_turn>"),
+        _gemma3_config,
+        _gemma3_processor,
+        named=_GEMMA3_NAMED,
+    ),
+    "mistral3": _Recipe("Mistral3", "mistral", _MISTRAL3_SPECIALS, _mistral3_config, _mistral3_processor),
+}
+
+
+# Shared by the families.
 
 
 def _text_settings(tokenizer, hidden: int, num_layers: int, kv_heads: int, init_std: float) -> dict:
@@ -412,9 +492,12 @@ def _text_settings(tokenizer, hidden: int, num_layers: int, kv_heads: int, init_
 
 def _siglip():
     """A tiny SigLIP tower (LLaVA-OneVision's and Gemma 3's): 28 px images, 7 px patches, no pooling head."""
-    import transformers
+    return _stock("SiglipVisionConfig")(**TINY_TOWER, image_size=28, patch_size=7, vision_use_head=False)
 
-    return transformers.SiglipVisionConfig(**TINY_TOWER, image_size=28, patch_size=7, vision_use_head=False)
+
+def _pinpoints(side: int) -> list[list[int]]:
+    """Anyres grid shapes (LLaVA-NeXT, LLaVA-OneVision): 1x2, 2x1 and 2x2 tiles of ``side`` pixels."""
+    return [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
 
 
 def _mrope(head_dim: int) -> list[int]:
@@ -433,36 +516,40 @@ def _special_ids(tokenizer) -> dict:
     }
 
 
-def _image_processor(name: str, **kwargs):
-    """The family's image processor; the PIL one where torchvision (the default backend) is missing."""
-    import importlib.util
-
+def _stock(name: str):
+    """transformers' class ``name`` (imported on first use: importing this module stays cheap)."""
     import transformers
 
-    if importlib.util.find_spec("torchvision") is None:
+    return getattr(transformers, name)
+
+
+def _has_torchvision() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def _image_processor(name: str, **kwargs):
+    """The family's image processor; the PIL one where torchvision (the default backend) is missing."""
+    if not _has_torchvision():
+        import transformers
+
         pil = getattr(transformers, name.replace("ImageProcessor", "ImageProcessorPil"), None)
         if pil is not None:
             return pil(**kwargs)
-    return getattr(transformers, name)(**kwargs)
+    return _stock(name)(**kwargs)
 
 
-def _image_only(name: str, image_processor, tokenizer, chat_template: str, **kwargs):
-    """The family's processor; without torchvision, the same class without its video processor (see
-    ``load.image_only_processor``), which saves the same files."""
-    import importlib.util
-
-    import transformers
-
-    kwargs.pop("video_processor", None)
-    if importlib.util.find_spec("torchvision") is not None:
-        return getattr(transformers, name)(
-            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs
+def _processor(kind: str, image_processor, tokenizer, chat_template: str, **settings):
+    """The family's processor ({stem}Processor). Without torchvision, one that has a video processor
+    (``families.Family.video_processor``) is the same class without it (see ``load.image_only_processor``),
+    which saves the same files."""
+    name = f"{_RECIPES[kind].stem}Processor"
+    if _has_torchvision() or not families.family(kind).video_processor:
+        return _stock(name)(
+            image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings
         )
-    if name == "Idefics3Processor":  # no video processor
-        return transformers.Idefics3Processor(image_processor, tokenizer, chat_template=chat_template, **kwargs)
     from .load import image_only_processor_class
 
-    return image_only_processor_class(name)(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+    return image_only_processor_class(name)(image_processor, tokenizer, chat_template=chat_template, **settings)
 
 
 class PixtralFiles:

@@ -79,10 +79,10 @@ def verify_folder(
     ``dtype`` ("fp32", "bf16", "fp16", or "auto": fp32 on the CPU, bf16 on a GPU); raise ShortVError on failure."""
     import transformers
 
-    from .calibrate import kl_and_top1, resolve_dtype, visual_token_ids
     from .data import load_calibration, prompt_batch
     from .load import load_processor
-    from .models import load_shortv
+    from .models import load_shortv, visual_token_ids
+    from .numerics import kl_and_top1, resolve_dtype
 
     folder = Path(folder)
     device = device or "cpu"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import image, processor_for, tiny_dir
 from oracle import oracle_hooks
 
-from shortv_export.calibrate import _kl, calibrate, load_base_model, text_model, visual_token_ids
+from shortv_export.calibrate import calibrate, load_base_model
 from shortv_export.cli import main
 from shortv_export.data import (
     CAPTION_PROMPT,
@@ -24,6 +24,8 @@ from shortv_export.data import (
 )
 from shortv_export.errors import ShortVError
 from shortv_export.load import resolve_model
+from shortv_export.models import text_model, visual_token_ids
+from shortv_export.numerics import kl
 from shortv_export.tiny import FAMILIES, NEW_FAMILIES
 
 LAYERS = 12
@@ -55,7 +57,7 @@ def brute_force_lc(model, processor, samples, rows: str = "visual") -> tuple[lis
             for layer in range(LAYERS):
                 with oracle_hooks(model, [layer], image_token, frozen_ids=frozen_ids):
                     frozen = torch.log_softmax(model(**inputs).logits[:, -1].double(), -1)
-                total[layer] += _kl(frozen, original).sum()
+                total[layer] += kl(frozen, original).sum()
     for h in hooks:
         h.remove()
     return (total / len(samples)).tolist(), forwards[0]

@@ -185,6 +185,26 @@ def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, c
     assert "hf_good" not in result.output + result.stderr
 
 
+def test_push_honours_hf_hub_offline_set_after_import(hub, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 put in the environment after huggingface_hub read its constant (which stays False) stops
+    the push just as the constant does: the one-line offline message, nothing sent to the Hub, the folder kept."""
+    from huggingface_hub import constants
+
+    _in_process_env(monkeypatch, hub, "hf_good")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert constants.HF_HUB_OFFLINE is False  # only the environment says offline
+    out = tmp_path / "kept"
+    args = [str(tiny_dir("llava")), "--layers", "2", "--out", str(out), "-q", "--no-verify", "--push"]
+    result = CliRunner().invoke(main, [*args, "--repo-id", "me/tiny"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "Error: push failed: the Hub is in offline mode (HF_HUB_OFFLINE=1); unset it. The local folder "
+        f"{out} is complete and intact; retry with: hf upload me/tiny {out} ."
+    ]
+    assert {"model.safetensors", "config.json", "README.md"} <= set(folder_files(out))
+    assert hub.repos == {} and hub.commits_made == 0
+
+
 def test_push_options_need_push(tmp_path):
     result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--layers", "2", "--repo-id", "me/x"])
     assert result.exit_code == 2 and "only apply with --push" in result.stderr
