@@ -10,7 +10,10 @@ from pathlib import Path
 
 import click
 
-from .errors import ShortVError
+from .errors import ShortVError, WrittenButInterrupted
+from .pipeline import CalibrationOptions, ExportOptions
+
+CAL, EXPORT = CalibrationOptions(), ExportOptions()  # the defaults, as the Python API has them
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -33,22 +36,22 @@ from .errors import ShortVError
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--calib", help="Calibration set: FILE.jsonl, an image folder or hf:NAME[:split] [default: embedded].")
 @click.option("--samples", type=int, help="Use K samples of the calibration set (seeded choice) [default: all].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --samples.")
-@click.option("--image-column", default="image", show_default=True, help="Image column for --calib hf:...")
+@click.option("--seed", type=int, default=CAL.seed, show_default=True, help="Seed for --samples.")
+@click.option("--image-column", default=CAL.image_column, show_default=True, help="Image column for --calib hf:...")
 @click.option("--prompt-column", help="Prompt column for --calib hf:... [default: caption prompt].")
 @click.option(
     "--modality",
     type=click.Choice(["visual", "both"]),
-    default="visual",
+    default=CAL.modality,
     show_default=True,
     help="'both' also measures text-token LC (the paper's contrast).",
 )
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration batch size.")
+@click.option("--batch-size", type=int, default=CAL.batch_size, show_default=True, help="Calibration batch size.")
 @click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if available].")
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    default="auto",
+    default=CAL.dtype,
     show_default=True,
     help="Calibration dtype (auto: fp32 on CPU, bf16 on GPU).",
 )
@@ -56,14 +59,18 @@ from .errors import ShortVError
 @click.option(
     "--min-agreement",
     type=float,
-    default=0.9,
+    default=CAL.min_agreement,
     show_default=True,
     help="Warn when top-1 agreement with the base model on the calibration set falls below this share, naming "
     "the largest N that stays above it.",
 )
 @click.option("--onnx", "onnx", is_flag=True, help="Also export ONNX graphs to OUT/onnx/ and validate them.")
 @click.option(
-    "--onnx-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="ONNX weight dtype."
+    "--onnx-dtype",
+    type=click.Choice(["fp32", "fp16"]),
+    default=EXPORT.dtype,
+    show_default=True,
+    help="ONNX weight dtype.",
 )
 @click.option(
     "--onnx-quantize",
@@ -93,9 +100,11 @@ def main(model, **options):
     except ShortVError as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt as err:
-        written = "is written" in str(err)  # interrupted after the write stage: say where the folder is
-        click.echo(f"Interrupted: {err}" if written else "Interrupted; nothing was written.", err=True)
+    except WrittenButInterrupted as err:  # after the write stage: say where the folder is
+        click.echo(f"Interrupted: {err}", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; nothing was written.", err=True)
         sys.exit(130)
 
 
@@ -105,7 +114,7 @@ CALIBRATION += ("dtype", "device_map", "min_agreement")
 
 def run(model: str, *, quiet: bool, layers_spec: str | None, **options) -> None:
     """The command: `convert` with the options as given, then what it produced."""
-    from .pipeline import CalibrationOptions, convert
+    from .pipeline import convert
 
     calibration = CalibrationOptions(**{k: options.pop(k) for k in CALIBRATION})
     say = (lambda line: None) if quiet else click.echo

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ShortVError
+from .errors import ShortVError, WrittenButInterrupted
 from .families import FAMILIES, onnx_families
 
 DEFAULT_TEXT_TOKENS = 64  # the text of a typical prompt, for FLOPs when no calibration set was run
@@ -39,6 +39,76 @@ class CalibrationOptions:
     device_map: str | None = None
     min_agreement: float = MIN_AGREEMENT
 
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ShortVError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not 0 <= self.min_agreement <= 1:
+            raise ShortVError(f"--min-agreement {self.min_agreement}: must be a share in [0, 1]")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """``--onnx`` and its settings."""
+
+    enabled: bool = False
+    dtype: str = "fp32"
+    quantize: str | None = None  # int4 or int8: weight-only quantization of the decoder
+
+    def __post_init__(self):
+        if self.quantize is not None and not self.enabled:
+            raise ShortVError("--onnx-quantize applies to the ONNX export: add --onnx")
+        if self.quantize not in (None, "int4", "int8"):
+            raise ShortVError(f"--onnx-quantize {self.quantize}: choose int4 or int8")
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    """``--push`` and where to."""
+
+    enabled: bool = False
+    repo_id: str | None = None
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+
+    def __post_init__(self):
+        from .publish import check_push_options
+
+        if (
+            self.repo_id or self.private or self.revision or self.create_pr or self.commit_message
+        ) and not self.enabled:
+            raise ShortVError("--repo-id/--private/--revision/--create-pr/--commit-message only apply with --push")
+        check_push_options(self.revision, self.create_pr)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything ``convert`` is asked beyond the model and calibration, checked once when made."""
+
+    n: int | None = None
+    layers: str | list[int] | None = None
+    target_flops: float | None = None
+    out: Path | None = None
+    overwrite: bool = False
+    export: ExportOptions = field(default_factory=ExportOptions)
+    verify: bool = True
+    push: PushOptions = field(default_factory=PushOptions)
+    model_revision: str | None = None
+    base_model: str | None = None
+    dry_run: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.out is not None and not isinstance(self.out, Path):
+            object.__setattr__(self, "out", Path(self.out))
+        if self.layers is not None and (self.n is not None or self.target_flops is not None):
+            raise ShortVError("--layers gives the layers itself; drop --n / --target-flops")
+        if self.n is not None and self.target_flops is not None:
+            raise ShortVError("give --n or --target-flops, not both")
+        if self.target_flops is not None and not 0 < self.target_flops <= 1:
+            raise ShortVError(f"--target-flops {self.target_flops}: must be a ratio in (0, 1]")
+
 
 @dataclass
 class ConvertResult:
@@ -60,6 +130,19 @@ class ConvertResult:
     pushed: Any = None  # publish.PushResult
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the plan stage settled before any long work: the source, the layers given (or how many calibration
+    will pick), the output folder, and the token counts a dry run or --target-flops measured."""
+
+    model: str  # MODEL as given (the reproduce command names it, or --base-model)
+    source: Any  # load.Source
+    layers: list[int] | None  # given with --layers; None: calibration picks ``n``
+    n: int
+    out: Path
+    counts: tuple | None = None  # (mean visual tokens, mean text tokens, the calibration set)
 
 
 def convert(
@@ -94,189 +177,262 @@ def convert(
     the card names when ``model`` is a local folder. ``log`` receives one line per step (default: print when
     ``progress``). Raises ShortVError on anything the user can fix; nothing is left half-written.
     """
-    from .publish import check_push_options
-
+    export, publish = ExportOptions(onnx, onnx_dtype, onnx_quantize), PushOptions(push, repo_id, private, revision)
+    publish = replace(publish, create_pr=create_pr, commit_message=commit_message)
+    options = ConvertOptions(n, layers, target_flops, out, overwrite, export, verify, publish)
+    options = replace(options, model_revision=model_revision, base_model=base_model, dry_run=dry_run, progress=progress)
     calibration = calibration or CalibrationOptions()
     say = log or (print if progress else _silent)
-    if (repo_id or private or revision or create_pr or commit_message) and not push:
-        raise ShortVError("--repo-id/--private/--revision/--create-pr/--commit-message only apply with --push")
-    check_push_options(revision, create_pr)  # before any long work
-    if layers is not None and (n is not None or target_flops is not None):
-        raise ShortVError("--layers gives the layers itself; drop --n / --target-flops")
-    if n is not None and target_flops is not None:
-        raise ShortVError("give --n or --target-flops, not both")
-    if calibration.batch_size < 1:
-        raise ShortVError(f"--batch-size {calibration.batch_size}: must be at least 1")
-    if not 0 <= calibration.min_agreement <= 1:
-        raise ShortVError(f"--min-agreement {calibration.min_agreement}: must be a share in [0, 1]")
-    if onnx_quantize is not None and not onnx:
-        raise ShortVError("--onnx-quantize applies to the ONNX export: add --onnx")
-    if onnx_quantize not in (None, "int4", "int8"):
-        raise ShortVError(f"--onnx-quantize {onnx_quantize}: choose int4 or int8")
-    _check_device(calibration.device, onnx and not dry_run)
-    missing_onnx = _missing_onnx_modules() if onnx else []
-    if missing_onnx and not dry_run:
-        raise ShortVError(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]' (or [gpu])")
-    if not progress:
-        _quiet_libraries()
+    warnings = _check_environment(options, calibration)
+    plan = plan_stage(model, options, calibration, say)
+    if options.dry_run:
+        return dry_run_stage(plan, options, calibration, say, warnings)
+    layers, lc = select_stage(plan, calibration, options.progress, say)
+    result = _result(plan, layers, lc, options, calibration, warnings, say)
+    result = write_stage(plan.source, result, options, calibration, say)
+    if not (options.verify or options.push.enabled):
+        return result
+    try:
+        publisher = _publisher(result.out, options.push)  # the token, before the (slower) verification
+        result = verify_stage(plan.source, result, options, calibration, publisher, say)
+        return publish_stage(result, publisher, options.push, say)
+    except KeyboardInterrupt:
+        raise WrittenButInterrupted(result.out) from None
 
-    # 1. load
+
+def _check_environment(options: ConvertOptions, calibration: CalibrationOptions) -> list[str]:
+    """What the options need of this machine (the device, the ONNX packages), checked before any long work; the
+    warnings a dry run reports instead of failing."""
+    export = options.export
+    _check_device(calibration.device, export.enabled and not options.dry_run)
+    missing = _missing_onnx_modules() if export.enabled else []
+    if missing and not options.dry_run:
+        raise ShortVError(f"--onnx needs {', '.join(missing)}: pip install 'shortv-export[onnx]' (or [gpu])")
+    if not options.progress:
+        _quiet_libraries()
+    return [f"--onnx needs {', '.join(missing)}: pip install 'shortv-export[onnx]'"] if missing else []
+
+
+def plan_stage(model: str, options: ConvertOptions, calibration: CalibrationOptions, say) -> Plan:
+    """Stage 1, load, and the plan: resolve MODEL, check what it supports, settle the layers given or how many
+    calibration will pick, and check the output folder, all before any long work."""
     from .load import resolve_model
     from .select import check_n, default_n, parse_layers
+    from .write import check_output
 
-    source = resolve_model(model, revision=model_revision, config_only=dry_run)
+    source = resolve_model(model, revision=options.model_revision, config_only=options.dry_run)
     total = source.num_layers
     say(f"{source.model_id}: {source.kind}, {total} decoder layers")
-    if onnx and source.kind not in ONNX_FAMILIES:
+    if options.export.enabled and source.kind not in ONNX_FAMILIES:
         raise ShortVError(
             f"--onnx exports {', '.join(ONNX_FAMILIES)} checkpoints so far, not {source.kind}; convert without "
             "--onnx (the checkpoint itself supports it)"
         )
-    if n is not None:
-        check_n(n, total)
-    if isinstance(layers, str):
-        layers = parse_layers(layers, total, source.model_id, source.name)
-    elif layers is not None:
-        layers = parse_layers(",".join(map(str, layers)), total, source.model_id, source.name)
-    out = Path(out) if out is not None else None
-    result = ConvertResult(source.model_id, source.kind, total, 0, layers, {}, "", out=out, dry_run=dry_run)
-    if missing_onnx:
-        result.warnings.append(f"--onnx needs {', '.join(missing_onnx)}: pip install 'shortv-export[onnx]'")
-
-    # 2. calibrate (or reuse lc.json) and 3. select; the output folder is checked as soon as it is known
-    from .write import check_output
-
-    options = dict(
-        model=base_model or source.repo_id or model,
-        target_flops=target_flops,
-        model_revision=model_revision,
-        onnx=onnx,
-        onnx_dtype=onnx_dtype,
-        onnx_quantize=onnx_quantize,
-    )
-    if layers is None:
-        counts = None
-        if target_flops is not None or dry_run:  # token counts from the processor alone, no model
-            counts = _token_counts(source, calibration)
-        planned = n if n is not None else default_n(total)
-        if target_flops is not None:
-            planned = _n_for_target(source, target_flops, *counts[:2])
-        result.out = result.out or Path(f"{source.name}-shortv-n{planned}")
-        check_output(result.out, overwrite, source)  # before the (long) calibration
-        if dry_run:
-            return _dry_run_plan(result, source, planned, counts, calibration, options, say)
-        lc = _calibrate(source, result.out, calibration, planned, progress, say)
-        result.lc, result.layers = lc, lc.fidelity["layers"]
-        say(f"LC order (lowest first): {lc.order}")
-        f = lc.fidelity
-        say(
-            f"all {len(result.layers)} frozen together: mean KL {f['mean_kl']:.4g}, top-1 agreement "
-            f"{f['top1_agreement']:.1%} on {f['samples']} samples"
-        )
-        if warning := _agreement_warning(f):
-            result.warnings.append(warning)
+    if options.n is not None:
+        check_n(options.n, total)
+    layers, counts = options.layers, None
+    if layers is not None:
+        spec = layers if isinstance(layers, str) else ",".join(map(str, layers))
+        layers = parse_layers(spec, total, source.model_id, source.name)
+        planned = len(layers)
     else:
-        result.out = result.out or Path(f"{source.name}-shortv-n{len(result.layers)}")
-        check_output(result.out, overwrite, source)
-    result.n = len(result.layers)
-    result.flops = _flops(source, result.layers, result.lc)
-    result.command = _command(result, calibration, options)
+        if options.target_flops is not None or options.dry_run:  # token counts from the processor alone
+            counts = _token_counts(source, calibration)
+        planned = options.n if options.n is not None else default_n(total)
+        if options.target_flops is not None:
+            planned = _n_for_target(source, options.target_flops, *counts[:2])
+    out = options.out or Path(f"{source.name}-shortv-n{planned}")
+    check_output(out, options.overwrite, source)  # before the (long) calibration
+    return Plan(options.base_model or source.repo_id or model, source, layers, planned, out, counts)
+
+
+def select_stage(plan: Plan, calibration: CalibrationOptions, progress: bool, say) -> tuple[list[int], Any]:
+    """Stages 2 and 3, calibrate (or reuse lc.json) and select: the frozen layers and the LCResult (None when
+    the layers were given)."""
+    if plan.layers is not None:
+        return plan.layers, None
+    lc = _calibrate(plan.source, plan.out, calibration, plan.n, progress, say)
+    say(f"LC order (lowest first): {lc.order}")
+    f = lc.fidelity
+    say(
+        f"all {len(f['layers'])} frozen together: mean KL {f['mean_kl']:.4g}, top-1 agreement "
+        f"{f['top1_agreement']:.1%} on {f['samples']} samples"
+    )
+    return lc.fidelity["layers"], lc
+
+
+def _result(plan, layers, lc, options, calibration, warnings, say) -> ConvertResult:
+    """The result as selected, before anything is written."""
+    source = plan.source
+    warning = _agreement_warning(lc.fidelity) if lc is not None else None
+    flops = _flops(source, layers, lc)
+    result = ConvertResult(
+        source.model_id,
+        source.kind,
+        source.num_layers,
+        len(layers),
+        layers,
+        flops,
+        _command(layers, lc is not None, len(layers), calibration, options, plan.model),
+        out=plan.out,
+        lc=lc,
+        warnings=[*warnings, *([warning] if warning else [])],
+    )
     say(f"frozen for visual tokens: {result.n} layers {result.layers}")
     say(_flops_line(result.flops))
+    return result
 
-    # 4. write, with the card, and 5. export (inside the atomic write: a failed export leaves nothing)
-    from .card import base_license
+
+def write_stage(source, result: ConvertResult, options: ConvertOptions, calibration, say) -> ConvertResult:
+    """Stages 4 and 5, write and export: the folder with its card, and the ONNX graphs inside the atomic write (a
+    failed export leaves nothing), the card then rewritten with their figures."""
     from .write import plan_files, write_checkpoint
 
-    extra = {}
-    if result.lc is not None:
-        extra["lc.json"] = result.lc.to_json().encode()
-        extra.update({"lc.png": None} if dry_run else _plot(result.lc, source.name))
-    license = base_license(source)
-    card = lambda repo, verification=None: _card(  # noqa: E731
-        source, result, "lc.png" in extra, license, base_model, repo, verification, onnx
-    ).encode()
-    extra["README.md"] = card(result.out.name)
-    result.files = plan_files(source, extra)
-    if dry_run:
-        if onnx:
-            say(f"would export ONNX graphs ({onnx_dtype}) to {result.out}/onnx/")
-        return result
+    extra = _extra_files(source, result, options)
+    result = replace(result, files=plan_files(source, extra))
+    exported: dict[str, Any] = {}
 
     def export(folder: Path) -> None:
-        from .onnx_export import export_onnx
+        exported.update(_export(folder, options, calibration, say))
+        card = _card(source, replace(result, out=folder, **exported), options, repo=result.out.name)
+        (folder / "README.md").write_bytes(card.encode())
 
-        report = export_onnx(
-            folder, dtype=onnx_dtype, progress=progress, quantize=onnx_quantize, device=calibration.device
-        )
-        result.onnx = v = report.validation
-        result.onnx_quantization = q = report.quantization
-        say(
-            f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts, prefill and {v['decode_steps']} decode "
-            f"steps: max |logits diff| {max(v['max_abs_logits_diff'], v['max_abs_decode_logits_diff']):.2e} "
-            f"(tolerance {v['tolerance']:.2e}), max |KV cache diff| {v['max_abs_present_diff']:.2e}, greedy tokens "
-            f"{'agree' if v['greedy_tokens_agree'] else 'differ'}"
-        )
-        if q:
-            say(
-                f"decoder quantized to {q['scheme']} ({q['quantized_matmuls']} MatMuls, "
-                f"{q['decoder_bytes_before'] / 2**20:.1f} -> {q['decoder_bytes_after'] / 2**20:.1f} MiB): top-1 "
-                f"agreement with the unquantized graph {q['top1_agreement_vs_unquantized']:.1%} on {q['samples']} "
-                f"calibration prompts, mean KL {q['mean_kl']:.3g}"
-            )
-            share = q["top1_agreement_vs_unquantized"]
-            if share < calibration.min_agreement:
-                result.warnings.append(
-                    f"the {q['scheme']} decoder agrees with the unquantized one on {share:.1%} of next tokens, below "
-                    f"--min-agreement {calibration.min_agreement:.0%}"
-                )
-        (folder / "README.md").write_bytes(card(result.out.name))  # now with the ONNX figures
-
-    result.out = write_checkpoint(
+    out = write_checkpoint(
         source,
         result.layers,
         result.out,
-        overwrite=overwrite,
+        overwrite=options.overwrite,
         extra=extra,
-        progress=_progress("writing") if progress else None,
-        finalize=export if onnx else None,
+        progress=_progress("writing") if options.progress else None,
+        finalize=export if options.export.enabled else None,
     )
-    say(f"wrote {result.out}")
-    if not (verify or push):
-        return result
+    say(f"wrote {out}")
+    return replace(
+        result, out=out, **exported, warnings=result.warnings + _quantization_warnings(exported, calibration)
+    )
 
-    # 6. verify, then 7. publish
-    from .publish import Publisher
+
+def verify_stage(source, result: ConvertResult, options: ConvertOptions, calibration, publisher, say) -> ConvertResult:
+    """Stage 6, verify: reload the folder in a fresh process; its figures go into the card (which names the Hub
+    repo the ``publisher`` will push to)."""
     from .verify import verify_folder
 
+    say("verifying: reloading the folder in a fresh process with transformers alone")
     try:
-        # the token and offline mode are checked before the (slower) verification
-        publisher = (
-            Publisher(result.out, repo_id=repo_id, private=private, revision=revision, create_pr=create_pr)
-            if push
-            else None
-        )
-        say("verifying: reloading the folder in a fresh process with transformers alone")
-        try:
-            result.verification = v = verify_folder(
-                result.out, source.path, result.layers, device=calibration.device, dtype=calibration.dtype
-            )
-        except ShortVError as err:
-            raise ShortVError(f"{err}. {result.out} is written but was not pushed" if push else str(err)) from None
-        say(
-            f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
-            f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
-            f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; generating with the cache matches "
-            f"without it (max |logits diff| {v['generate_max_abs_logits_diff_cached_vs_uncached']:.2e}, {v['dtype']})"
-        )
-        repo = publisher.resolve_repo_id() if push else result.out.name
-        _replace(result.out / "README.md", card(repo, v))
-        if push:
-            say(f"pushing {result.out} to {repo}" + (f" ({revision})" if revision else ""))
-            result.pushed = publisher.push(commit_message)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{result.out} is written; interrupted before it was checked or pushed") from None
+        v = verify_folder(result.out, source.path, result.layers, device=calibration.device, dtype=calibration.dtype)
+    except ShortVError as err:
+        raise ShortVError(f"{err}. {result.out} is written but was not pushed" if publisher else str(err)) from None
+    say(
+        f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
+        f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
+        f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; generating with the cache matches "
+        f"without it (max |logits diff| {v['generate_max_abs_logits_diff_cached_vs_uncached']:.2e}, {v['dtype']})"
+    )
+    result = replace(result, verification=v)
+    repo = publisher.resolve_repo_id() if publisher is not None else None
+    _replace(result.out / "README.md", _card(source, result, options, repo).encode())
     return result
+
+
+def publish_stage(result: ConvertResult, publisher, push: PushOptions, say) -> ConvertResult:
+    """Stage 7, publish: upload the verified folder."""
+    if publisher is None:
+        return result
+    say(f"pushing {result.out} to {publisher.resolve_repo_id()}" + (f" ({push.revision})" if push.revision else ""))
+    return replace(result, pushed=publisher.push(push.commit_message))
+
+
+def _publisher(folder: Path, push: PushOptions):
+    """The Publisher of a --push (it checks the token and offline mode when made), or None."""
+    from .publish import Publisher
+
+    if not push.enabled:
+        return None
+    return Publisher(
+        folder, repo_id=push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr
+    )
+
+
+def dry_run_stage(plan: Plan, options: ConvertOptions, calibration, say, warnings) -> ConvertResult:
+    """A dry run: the layers (given, or the N that would be calibrated), the FLOPs (at the calibration set's token
+    counts, counted with the processor alone: no model is loaded) and the files."""
+    from .write import plan_files
+
+    source = plan.source
+    if plan.layers is not None:
+        result = _result(plan, plan.layers, None, options, calibration, warnings, say)
+        files = plan_files(source, _extra_files(source, result, options, dry_run=True))
+    else:
+        n_visual, n_text, calib = plan.counts
+        # every decoder layer has the same shape: any N layers cost the same, whichever LC picks
+        flops = _flops_at(source.hf_config.text_config, n_visual, n_text, list(range(plan.n)), "calibration set mean")
+        result = ConvertResult(
+            source.model_id,
+            source.kind,
+            source.num_layers,
+            plan.n,
+            None,
+            flops,
+            _command(None, True, plan.n, calibration, options, plan.model),
+            out=plan.out,
+            warnings=warnings,
+        )
+        target = options.target_flops
+        rule = f"the {plan.n} lowest-LC layers" + (f" (FLOPs ratio <= {target})" if target else "")
+        say(f"would calibrate LC on {len(calib.samples)} samples of {_set_description(calib.name)} and freeze {rule}")
+        say(_flops_line(result.flops))
+        files = plan_files(source, dict.fromkeys(("README.md", "lc.json", "lc.png")))
+    export = options.export
+    if export.enabled:
+        quantized = f", decoder quantized to {export.quantize}" if export.quantize else ""
+        say(f"would export ONNX graphs ({export.dtype}{quantized}) to {result.out}/onnx/")
+    return replace(result, files=files, dry_run=True)
+
+
+def _extra_files(source, result: ConvertResult, options: ConvertOptions, dry_run: bool = False) -> dict:
+    """The generated files beside the weights (name -> content; None in a dry run): lc.json and its plot when
+    calibrated, and the model card."""
+    extra: dict[str, bytes | None] = {}
+    if result.lc is not None:
+        extra["lc.json"] = result.lc.to_json().encode()
+        extra.update({"lc.png": None} if dry_run else _plot(result.lc, source.name))
+    card = None if dry_run else _card(source, result, options, has_plot="lc.png" in extra).encode()
+    return {**extra, "README.md": card}
+
+
+def _export(folder: Path, options: ConvertOptions, calibration: CalibrationOptions, say) -> dict[str, Any]:
+    """The ONNX export of ``folder`` and its figures (``onnx``, ``onnx_quantization``), logged."""
+    from .onnx_export import export_onnx
+
+    export = options.export
+    report = export_onnx(
+        folder, dtype=export.dtype, progress=options.progress, quantize=export.quantize, device=calibration.device
+    )
+    v, q = report.validation, report.quantization
+    say(
+        f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts, prefill and {v['decode_steps']} decode "
+        f"steps: max |logits diff| {max(v['max_abs_logits_diff'], v['max_abs_decode_logits_diff']):.2e} "
+        f"(tolerance {v['tolerance']:.2e}), max |KV cache diff| {v['max_abs_present_diff']:.2e}, greedy tokens "
+        f"{'agree' if v['greedy_tokens_agree'] else 'differ'}"
+    )
+    if q:
+        say(
+            f"decoder quantized to {q['scheme']} ({q['quantized_matmuls']} MatMuls, "
+            f"{q['decoder_bytes_before'] / 2**20:.1f} -> {q['decoder_bytes_after'] / 2**20:.1f} MiB): top-1 "
+            f"agreement with the unquantized graph {q['top1_agreement_vs_unquantized']:.1%} on {q['samples']} "
+            f"calibration prompts, mean KL {q['mean_kl']:.3g}"
+        )
+    return {"onnx": v, "onnx_quantization": q}
+
+
+def _quantization_warnings(exported: dict[str, Any], calibration: CalibrationOptions) -> list[str]:
+    q = exported.get("onnx_quantization")
+    if not q or q["top1_agreement_vs_unquantized"] >= calibration.min_agreement:
+        return []
+    return [
+        f"the {q['scheme']} decoder agrees with the unquantized one on {q['top1_agreement_vs_unquantized']:.1%} of "
+        f"next tokens, below --min-agreement {calibration.min_agreement:.0%}"
+    ]
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -351,32 +507,11 @@ def _n_for_target(source, target_flops: float, n_visual: float, n_text: float) -
     return n
 
 
-def _dry_run_plan(result, source, planned, counts, c: CalibrationOptions, options, say) -> ConvertResult:
-    """A dry run without --layers: the N that would be frozen and its FLOPs at the calibration set's token counts
-    (counted with the processor alone, no model is loaded), and the files."""
-    from .write import plan_files
-
-    n_visual, n_text, calib = counts
-    result.n = planned
-    # every decoder layer has the same shape: any N layers cost the same, whichever LC picks
-    text_config = source.hf_config.text_config
-    result.flops = _flops_at(text_config, n_visual, n_text, list(range(planned)), "calibration set mean")
-    result.command = _command(result, c, options)
-    target = options["target_flops"]
-    rule = f"the {planned} lowest-LC layers" + (f" (FLOPs ratio <= {target})" if target else "")
-    say(f"would calibrate LC on {len(calib.samples)} samples of {_set_description(calib.name)} and freeze {rule}")
-    say(_flops_line(result.flops))
-    result.files = plan_files(source, dict.fromkeys(("README.md", "lc.json", "lc.png")))
-    if options["onnx"]:
-        quantized = f", decoder quantized to {options['onnx_quantize']}" if options["onnx_quantize"] else ""
-        say(f"would export ONNX graphs ({options['onnx_dtype']}{quantized}) to {result.out}/onnx/")
-    return result
-
-
 def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say):
     """LC (reused from out/lc.json when it matches), the selected layers and their fidelity, as one LCResult."""
-    from .calibrate import calibrate, calibration_key, fidelity, load_model, resolve_dtype, reusable
+    from .calibrate import calibrate, calibration_key, fidelity, load_model, reusable
     from .data import load_calibration
+    from .numerics import resolve_dtype
     from .select import lowest
 
     c = calibration
@@ -473,14 +608,14 @@ def _flops_line(flops: dict[str, Any]) -> str:
     )
 
 
-def _command(result: ConvertResult, c: CalibrationOptions, options: dict[str, Any]) -> str:
+def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: ConvertOptions, model: str) -> str:
     """The shortv-export command that reproduces the result: its selection and every option that changes it."""
     args = []
-    if result.lc is None and result.layers is not None:
-        args += ["--layers", ",".join(map(str, result.layers))]
+    if not calibrated:
+        args += ["--layers", ",".join(map(str, layers))]
     else:
-        target = options["target_flops"]
-        args += ["--target-flops", str(target)] if target is not None else ["--n", str(result.n)]
+        target = options.target_flops
+        args += ["--target-flops", str(target)] if target is not None else ["--n", str(n)]
         if c.calib:
             args += ["--calib", c.calib]
             if c.calib.startswith("hf:"):
@@ -494,17 +629,21 @@ def _command(result: ConvertResult, c: CalibrationOptions, options: dict[str, An
             args += ["--dtype", c.dtype]
         if c.min_agreement != MIN_AGREEMENT:
             args += ["--min-agreement", str(c.min_agreement)]
-    if options["model_revision"]:
-        args += ["--model-revision", options["model_revision"]]
-    if options["onnx"]:
-        args += ["--onnx"] + (["--onnx-dtype", options["onnx_dtype"]] if options["onnx_dtype"] != "fp32" else [])
-        args += ["--onnx-quantize", options["onnx_quantize"]] if options["onnx_quantize"] else []
-    return shlex.join(["shortv-export", str(options["model"]), *args])
+    if options.model_revision:
+        args += ["--model-revision", options.model_revision]
+    export = options.export
+    if export.enabled:
+        args += ["--onnx"] + (["--onnx-dtype", export.dtype] if export.dtype != "fp32" else [])
+        args += ["--onnx-quantize", export.quantize] if export.quantize else []
+    return shlex.join(["shortv-export", str(model), *args])
 
 
-def _card(source, result, has_plot, license, base_model, repo, verification, onnx) -> str:
-    from .card import model_card
+def _card(source, result: ConvertResult, options: ConvertOptions, repo: str | None = None, has_plot=None) -> str:
+    """The model card of ``result``; ``repo``: the Hub id the usage loads (default: the folder's name)."""
+    from .card import base_license, model_card
 
+    if has_plot is None:
+        has_plot = any(f.name == "lc.png" for f in result.files)
     return model_card(
         source,
         result.layers,
@@ -512,13 +651,13 @@ def _card(source, result, has_plot, license, base_model, repo, verification, onn
         result.command,
         lc=result.lc,
         has_plot=has_plot,
-        license=license,
-        repo=repo,
-        verification=verification,
-        onnx=onnx,
+        license=base_license(source),
+        repo=repo or result.out.name,
+        verification=result.verification,
+        onnx=options.export.enabled,
         onnx_validation=result.onnx,
         onnx_quantization=result.onnx_quantization,
-        base_model=base_model,
+        base_model=options.base_model,
     )
 
 
