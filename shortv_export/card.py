@@ -32,7 +32,6 @@ def model_card(
     ``base_model``: the base's Hub id when the source is a local folder; ``lc``: the calibrate.LCResult."""
     hub_base = base_model or source.repo_id
     base = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{source.name}` (a local checkpoint)"
-    fidelity = lc.fidelity if lc is not None else None
     n, total = len(layers), source.num_layers
     meta = [
         "---",
@@ -58,6 +57,31 @@ def model_card(
         f"layer, `{FAMILIES[source.kind].modeling_file}` the model class, and `config.json` lists the frozen "
         "layers in `shortv_layers`.",
         "",
+        *_usage(repo),
+        *(_onnx_usage(repo, onnx_validation, onnx_quantization) if onnx else []),
+        *_frozen_layers(layers, lc, has_plot),
+        "## Prefill FLOPs (decoder layers)",
+        "",
+        f"For {flops['n_visual']} visual + {flops['n_text']} text tokens ({_tokens_from(flops)}): "
+        f"{format_flops(flops['vanilla_tflops'])} vanilla, {format_flops(flops['shortv_tflops'])} ShortV, ratio "
+        f"{flops['ratio']:.3f} (ideal prefill speed-up {flops['ideal_speedup']:.2f}x).",
+        "",
+        *(_verification(verification) if verification else []),
+        "## Reproduce",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Made with shortv-export. Method: Yuan et al., *ShortV: Efficient Multimodal Large Language Models by "
+        f"Freezing Visual Tokens in Ineffective Layers*, ICCV 2025, {PAPER}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _usage(repo: str) -> list[str]:
+    return [
         "## Usage",
         "",
         "```python",
@@ -77,7 +101,12 @@ def model_card(
         '`AutoModel`, `pipeline("image-text-to-text")`, batches with padding, bf16/fp16, eager and SDPA '
         'attention and `device_map="auto"` work as with the base model. `trust_remote_code=True` is required.',
         "",
-        *(_onnx_usage(repo, onnx_validation, onnx_quantization) if onnx else []),
+    ]
+
+
+def _frozen_layers(layers: list[int], lc, has_plot: bool) -> list[str]:
+    fidelity = lc.fidelity if lc is not None else None
+    return [
         "## Frozen layers",
         "",
         f"`shortv_layers` = {layers} (lowest Layer Contribution first).",
@@ -94,24 +123,7 @@ def model_card(
             else []
         ),
         *(_text_lc(lc, has_plot) if lc is not None and lc.text is not None else []),
-        "## Prefill FLOPs (decoder layers)",
-        "",
-        f"For {flops['n_visual']} visual + {flops['n_text']} text tokens ({_tokens_from(flops)}): "
-        f"{format_flops(flops['vanilla_tflops'])} vanilla, {format_flops(flops['shortv_tflops'])} ShortV, ratio "
-        f"{flops['ratio']:.3f} (ideal prefill speed-up {flops['ideal_speedup']:.2f}x).",
-        "",
-        *(_verification(verification) if verification else []),
-        "## Reproduce",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"Made with shortv-export. Method: Yuan et al., *ShortV: Efficient Multimodal Large Language Models by "
-        f"Freezing Visual Tokens in Ineffective Layers*, ICCV 2025, {PAPER}.",
-        "",
     ]
-    return "\n".join(lines)
 
 
 def _onnx_usage(repo: str, v: dict[str, Any] | None, q: dict[str, Any] | None) -> list[str]:

@@ -81,7 +81,6 @@ def verify_folder(
 
     from .data import load_calibration, prompt_batch
     from .load import load_processor
-    from .models import load_shortv, visual_token_ids
     from .numerics import kl_and_top1, resolve_dtype
 
     folder = Path(folder)
@@ -91,11 +90,44 @@ def verify_folder(
     chosen = load_calibration(None).samples[:: max(1, 40 // samples)][:samples]
     inputs = prompt_batch(processor, chosen)
     prompts = prompt_batch(processor, chosen[:2])  # left-padded: the rows differ in length
+    mine = _in_process(base, layers, inputs, prompts, device, torch_dtype)
+    settings = {"greedy": mine["greedy"], "device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
+    report, out = _reloaded(folder, inputs, prompts, settings)
+
+    shortv, vanilla, reloaded = mine["shortv"], mine["vanilla"], out["logits"]
+    scale = float(shortv.abs().max()) or 1.0
+    kl, top1 = kl_and_top1(vanilla, reloaded)
+    cache_scale = float(out["cached"].abs().max()) or 1.0
+    figures = {
+        "samples": len(chosen),
+        "class": report["class"],
+        "device": device,
+        "dtype": settings["dtype"],
+        "max_abs_logits_diff_vs_in_process": float((reloaded - shortv).abs().max()),
+        "tolerance": TOLERANCE * scale,
+        "mean_kl_vs_base": kl,
+        "top1_agreement_vs_base": top1,
+        "generate_rows": int(mine["tokens"].shape[0]),
+        "generate_new_tokens": GENERATED_TOKENS,
+        "generate_max_abs_logits_diff_cached_vs_uncached": float((out["cached"] - out["uncached"]).abs().max()),
+        "generate_cache_tolerance": CACHE_TOLERANCE[torch_dtype] * cache_scale,
+        "generate_equals_in_process": torch.equal(out["tokens"], mine["tokens"]),
+        "transformers": transformers.__version__,
+    }
+    problems = _problems(figures, report, layers, active=not (layers and torch.equal(reloaded, vanilla)))
+    if problems:
+        raise ShortVError("verify failed: " + "; ".join(problems))
+    return figures
+
+
+def _in_process(base, layers, inputs: dict, prompts: dict, device: str, torch_dtype) -> dict:
+    """The in-process ShortV model's last-position logits and greedy tokens, and the base model's logits (the same
+    weights on the stock path)."""
+    from .models import load_shortv, visual_token_ids
 
     model = load_shortv(base, layers, dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
     # random or tiny models may pick <image>, which a later step without the cache would take for a placeholder
-    suppress = visual_token_ids(model.config)
-    greedy = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, suppress_tokens=suppress)
+    greedy = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, suppress_tokens=visual_token_ids(model.config))
 
     def place(batch):
         return {k: v.to(device, torch_dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
@@ -105,15 +137,18 @@ def verify_folder(
         tokens = model.generate(**place(prompts), **greedy).cpu()
         model.model.shortv_layers = []  # the same weights on the stock path: the base model
         vanilla = model(**place(inputs), logits_to_keep=1).logits[:, -1].float().cpu()
-    del model
+    return {"shortv": shortv, "tokens": tokens, "vanilla": vanilla, "greedy": greedy}
 
+
+def _reloaded(folder: Path, inputs: dict, prompts: dict, settings: dict) -> tuple[dict, dict]:
+    """What the folder gives in a fresh process with transformers alone (``_USER_CODE``): its report (class,
+    missing and unexpected weights, layers) and its outputs (logits, tokens, cached and uncached step logits)."""
     with tempfile.TemporaryDirectory(prefix="shortv-verify-") as tmp:
         tmp = Path(tmp)
         torch.save(inputs, tmp / "inputs.pt")
         torch.save(prompts, tmp / "prompts.pt")
         env = dict(os.environ, HF_MODULES_CACHE=str(tmp / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
         paths = [str(folder.resolve()), *(str(tmp / name) for name in ("inputs.pt", "prompts.pt", "out.pt"))]
-        settings = {"greedy": greedy, "device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
         result = subprocess.run(
             [sys.executable, "-c", _USER_CODE, *paths, json.dumps(settings)],
             capture_output=True,
@@ -124,36 +159,17 @@ def verify_folder(
         if result.returncode != 0:
             tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise ShortVError(f"verify: the written folder does not load with transformers alone: {tail[0]}")
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-        out = torch.load(tmp / "out.pt", weights_only=True)
-    reloaded = out["logits"]
+        return json.loads(result.stdout.strip().splitlines()[-1]), torch.load(tmp / "out.pt", weights_only=True)
 
-    scale = float(shortv.abs().max()) or 1.0
-    diff = float((reloaded - shortv).abs().max())
-    kl, top1 = kl_and_top1(vanilla, reloaded)
-    cache_scale = float(out["cached"].abs().max()) or 1.0
-    cache_diff = float((out["cached"] - out["uncached"]).abs().max())
-    figures = {
-        "samples": len(chosen),
-        "class": report["class"],
-        "device": device,
-        "dtype": str(torch_dtype).removeprefix("torch."),
-        "max_abs_logits_diff_vs_in_process": diff,
-        "tolerance": TOLERANCE * scale,
-        "mean_kl_vs_base": kl,
-        "top1_agreement_vs_base": top1,
-        "generate_rows": int(tokens.shape[0]),
-        "generate_new_tokens": GENERATED_TOKENS,
-        "generate_max_abs_logits_diff_cached_vs_uncached": cache_diff,
-        "generate_cache_tolerance": CACHE_TOLERANCE[torch_dtype] * cache_scale,
-        "generate_equals_in_process": torch.equal(out["tokens"], tokens),
-        "transformers": transformers.__version__,
-    }
+
+def _problems(figures: dict, report: dict, layers: list[int], active: bool) -> list[str]:
+    """What is wrong with the reloaded folder, from its figures and report (empty: nothing)."""
     problems = []
     if report["missing"] or report["unexpected"]:
         problems.append(f"weights missing {report['missing'][:3]} / unexpected {report['unexpected'][:3]}")
     if report["shortv_layers"] != list(layers):
         problems.append(f"config shortv_layers {report['shortv_layers']} != {list(layers)}")
+    cache_diff = figures["generate_max_abs_logits_diff_cached_vs_uncached"]
     if not cache_diff <= figures["generate_cache_tolerance"]:
         problems.append(
             f"generating with the KV cache gives other logits than without it (max diff {cache_diff:.3g}, "
@@ -161,10 +177,9 @@ def verify_folder(
         )
     elif not figures["generate_equals_in_process"]:
         problems.append("greedy tokens of the reloaded model differ from the in-process model's")
-    if not diff <= TOLERANCE * scale:
+    diff = figures["max_abs_logits_diff_vs_in_process"]
+    if not diff <= figures["tolerance"]:
         problems.append(f"reloaded logits differ from the in-process ShortV model by {diff:.3g}")
-    if layers and torch.equal(reloaded, vanilla):
+    if not active:
         problems.append("outputs equal the base model's: ShortV is not active")
-    if problems:
-        raise ShortVError("verify failed: " + "; ".join(problems))
-    return figures
+    return problems
