@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
@@ -9,6 +11,10 @@ import pytest
 from PIL import Image
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # parallel workers (pytest -n): each its own dynamic-module cache (read
+    # at import) and one thread (the tiny models are Python-bound: workers, not threads, use the cores)
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix=f"hf-modules-{os.environ['PYTEST_XDIST_WORKER']}-")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from shortv_export.data import NESTED_IMAGES  # noqa: E402
 from shortv_export.tiny import NEW_FAMILIES, save_tiny  # noqa: E402
