@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from .errors import ShortVError
-from .onnx_runtime import MROPE, TILED, qwen_vision_inputs
+from .families import FAMILIES
+from .onnx_runtime import SPEC_FILE, qwen_vision_inputs
 
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
-SPEC_FILE = "shortv_onnx.json"
 ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXTERNAL_DATA_BYTES = 1 << 26  # weights from 64 MiB on go to a .data file: streamed out, never copied in a protobuf
 OPSET = 18
@@ -93,9 +93,9 @@ class _TileEncoder(nn.Module):
         return self.connector(hidden)
 
 
-def _kind(model) -> str:
-    """The base model type of a ShortV model (``shortv_qwen2_vl`` -> ``qwen2_vl``)."""
-    return model.config.model_type.removeprefix("shortv_")
+def _graph_kind(model) -> str | None:
+    """The graph kind of a ShortV model's family (``families.Family.onnx``: "llava", "tiled" or "mrope")."""
+    return FAMILIES[model.config.model_type.removeprefix("shortv_")].onnx
 
 
 class _WindowedVisionEncoder(nn.Module):
@@ -353,7 +353,7 @@ def _runner_config(model, kind) -> dict:
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
     }
-    if kind in MROPE:
+    if FAMILIES[kind].onnx == "mrope":
         vision = config.vision_config
         window = getattr(vision, "window_size", None)  # Qwen2-VL: none
         runner.update(spatial_merge_size=vision.spatial_merge_size, window_size=window, patch_size=vision.patch_size)
@@ -451,9 +451,9 @@ def _first_line(err: Exception, limit: int = 300) -> str:
 
 
 def _export_vision(model, out: Path) -> dict:
-    if _kind(model) in TILED:
+    if _graph_kind(model) == "tiled":
         return _export_tiles(model, out)
-    if _kind(model) in MROPE:
+    if _graph_kind(model) == "mrope":
         return _export_windowed(model, out)
     module = _VisionEncoder(model)
     size = model.config.vision_config.image_size
@@ -550,7 +550,7 @@ def _export_decoder(model, out: Path) -> dict:
     embeds = torch.randn(batch, seq, text.hidden_size, dtype=dtype)
     attention = torch.ones(batch, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(batch, -1).contiguous()
-    mrope = _kind(model) in MROPE
+    mrope = _graph_kind(model) == "mrope"
     if mrope:  # temporal, height, width rows
         positions = positions.expand(3, -1, -1).contiguous()
     text_index = torch.tensor([[0, 1, 4, 5, 6], [0, 3, 4, 6, 6]])
