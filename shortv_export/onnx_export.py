@@ -45,6 +45,7 @@ from torch import nn
 from .errors import ShortVError
 from .families import FAMILIES
 from .onnx_runtime import SPEC_FILE, qwen_vision_inputs
+from .util import first_line, progress_bar
 
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -316,7 +317,7 @@ def export_onnx(
     model.to(device or "cpu").eval()
     out.mkdir(parents=True, exist_ok=True)
     steps = [("vision_encoder", _export_vision), ("embed_tokens", _export_embed), ("decoder", _export_decoder)]
-    bar = _bar(len(steps), progress)
+    bar = progress_bar(len(steps), desc="exporting ONNX", enabled=progress, unit="graph")
     spec = {"format": 1, "dtype": _name(ONNX_DTYPES[dtype]), "opset": OPSET, **_runner_config(model, kind)}
     for name, step in steps:
         bar.set_description(f"exporting {name}")
@@ -391,12 +392,6 @@ def read_safetensors(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
                 tensor = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
                 tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return tensors
-
-
-def _bar(total, progress):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not progress, unit="graph")
 
 
 def _runner_config(model, kind) -> dict:
@@ -498,7 +493,7 @@ def _export(module, args, out: Path, graph: Graph, dims: dict | None = None) -> 
                 verbose=False,
             )
         except Exception as err:  # torch.export raises many types with pages of detail; one clear line for the user
-            raise ShortVError(f"ONNX export of {path.name} failed: {_first_line(err)}") from err
+            raise ShortVError(f"ONNX export of {path.name} failed: {first_line(err, limit=300)}") from err
         finally:
             quiet.setLevel(level)
     _save(program, path, _param_bytes(module), graph.axes())
@@ -512,12 +507,6 @@ def _per_parameter(module, shapes: list[dict]) -> tuple:
     if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
         return (*shapes[: len(params) - 1], tuple(shapes[len(params) - 1 :]))
     return tuple(shapes)
-
-
-def _first_line(err: Exception, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- the graphs: each one's inputs and outputs in one table, and the example inputs it is traced with ----------
