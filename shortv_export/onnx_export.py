@@ -479,6 +479,8 @@ def _export(module, args, out: Path, graph: Graph, dims: dict | None = None) -> 
     args = tuple(arg.to(device) for arg in args)
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # "torchvision is not installed" notices
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    dedup.addFilter(_not_a_dedup_notice)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -496,9 +498,17 @@ def _export(module, args, out: Path, graph: Graph, dims: dict | None = None) -> 
             raise ShortVError(f"ONNX export of {path.name} failed: {first_line(err, limit=300)}") from err
         finally:
             quiet.setLevel(level)
+            dedup.removeFilter(_not_a_dedup_notice)
     _save(program, path, _param_bytes(module), graph.axes())
     del program
     _release_rewriter_state()
+
+
+def _not_a_dedup_notice(record: logging.LogRecord) -> bool:
+    """False for onnx_ir's notice that an initializer which is also a graph output is not deduplicated (LLaVA-NeXT's
+    image_newline, folded to a constant by the exporter's optimizer): nothing for the user to act on."""
+    message = str(record.msg)
+    return not (message.startswith("Skipped deduplication of initializer") and "graph input or output" in message)
 
 
 def _per_parameter(module, shapes: list[dict]) -> tuple:

@@ -479,3 +479,18 @@ def test_a_failed_quantization_leaves_no_temporary_files(exported, tmp_path, mon
     with pytest.raises(RuntimeError, match="agreement"):
         onnx_quantize.quantize_decoder(copy / "onnx", "int4", copy, external_data=False)
     assert sorted(p.name for p in (copy / "onnx").iterdir()) == before
+
+
+def test_export_prints_no_deduplication_notice(tmp_path, caplog):
+    """LLaVA-NeXT's image_newline output is folded to an initializer: onnx_ir's initializer deduplication used to
+    log "Skipped deduplication of initializer ... graph input or output" for it, which the user cannot act on."""
+    import logging
+
+    from shortv_export.onnx_export import _export_vision
+
+    model = load_shortv(tiny_dir("llava_next"), FROZEN, attn_implementation="sdpa").eval()
+    with caplog.at_level(logging.DEBUG):
+        spec = _export_vision(model, tmp_path)
+    assert list(spec["vision_encoder"]["outputs"]) == ["image_features", "image_newline"]
+    assert not [r for r in caplog.records if "Skipped deduplication" in r.getMessage()]
+
