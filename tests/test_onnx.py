@@ -494,3 +494,22 @@ def test_export_prints_no_deduplication_notice(tmp_path, caplog):
     assert list(spec["vision_encoder"]["outputs"]) == ["image_features", "image_newline"]
     assert not [r for r in caplog.records if "Skipped deduplication" in r.getMessage()]
 
+
+def _onnx_cli(args):
+    from shortv_export.onnx_cli import main as onnx_main
+
+    return CliRunner().invoke(onnx_main, args)
+
+
+def test_onnx_cli_rejects_zero_new_tokens_before_loading_anything(tmp_path):
+    image(8, 8).save(tmp_path / "img.png")
+    result = _onnx_cli([str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt", "hi", "--max-new-tokens", "0"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--max-new-tokens': 0 is not in the range x>=1" in result.stderr
+
+
+def test_onnx_cli_version():
+    import shortv_export
+
+    result = _onnx_cli(["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"shortv-onnx {shortv_export.__version__}"
