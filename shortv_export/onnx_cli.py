@@ -8,10 +8,11 @@ import click
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shortv-export", prog_name="shortv-onnx", message="%(prog)s %(version)s")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--image", "image_path", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--prompt", required=True, help="The question; the processor's chat template wraps it.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--provider", default="cpu", show_default=True, help="cpu, cuda, tensorrt or an ORT provider name.")
 def main(folder, image_path, prompt, max_new_tokens, provider):
     """Greedy answer from FOLDER's ONNX graphs (written by `shortv-export ... --onnx`)."""

@@ -30,25 +30,85 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import inspect
 import json
 import logging
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ShortVError
-from .onnx_runtime import MROPE, TILED, qwen_vision_inputs
+from .families import FAMILIES
+from .onnx_runtime import SPEC_FILE, qwen_vision_inputs
+from .util import first_line, progress_bar
 
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
-SPEC_FILE = "shortv_onnx.json"
 ONNX_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXTERNAL_DATA_BYTES = 1 << 26  # weights from 64 MiB on go to a .data file: streamed out, never copied in a protobuf
 OPSET = 18
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """One input or output of a graph, declared once: the export's names and dynamic axes, the graph's axis names
+    and its entry in shortv_onnx.json all come from it."""
+
+    name: str
+    shape: tuple[int | str, ...]  # int: a fixed size; str: a named one (an input's: dynamic), in graph and json
+    dtype: str  # "float32", "float16", "int64", "bool"
+    doc: str = ""
+    # axes the graph names otherwise than the json (an input axis the json writes as an expression, "past + seq")
+    graph_names: dict[int, str] = field(default_factory=dict)
+
+    def axes(self) -> dict[int, str]:
+        """Axis -> name in the graph: the named axes (an expression, such as an output's "past + seq", is left as
+        the exporter derives it) and ``graph_names``."""
+        named = {i: a for i, a in enumerate(self.shape) if isinstance(a, str) and a.isidentifier()}
+        return named | self.graph_names
+
+    def spec(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, **({"doc": self.doc} if self.doc else {})}
+
+
+def per_layer(template: GraphIO, num_layers: int) -> list[GraphIO]:
+    """``template`` (its name with ``{i}`` and ``{kv}``) for the key and the value of every layer, in layer order."""
+    return [
+        replace(template, name=template.name.format(i=i, kv=kv)) for i in range(num_layers) for kv in ("key", "value")
+    ]
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph: its key in shortv_onnx.json, its file, and its inputs and outputs in order."""
+
+    key: str
+    file: str
+    inputs: tuple[GraphIO, ...]
+    outputs: tuple[GraphIO, ...]
+    doc: str = ""
+
+    def dynamic_shapes(self, dims: dict) -> list[dict]:
+        """torch.export's dynamic shapes, one dict per input: every named axis, as ``dims`` has it, else free."""
+        free = torch.export.Dim.DYNAMIC
+        return [{i: dims.get(a, free) for i, a in enumerate(io.shape) if isinstance(a, str)} for io in self.inputs]
+
+    def axes(self) -> dict[str, dict[int, str]]:
+        """Input or output -> its axes' names in the graph (see `GraphIO.axes`)."""
+        return {io.name: io.axes() for io in (*self.inputs, *self.outputs) if io.axes()}
+
+    def spec(self) -> dict:
+        """Its entry in shortv_onnx.json."""
+        entry = {
+            "file": self.file,
+            "inputs": {io.name: io.spec() for io in self.inputs},
+            "outputs": {io.name: io.spec() for io in self.outputs},
+        }
+        return {self.key: entry | ({"doc": self.doc} if self.doc else {})}
 
 
 class _VisionEncoder(nn.Module):
@@ -93,9 +153,9 @@ class _TileEncoder(nn.Module):
         return self.connector(hidden)
 
 
-def _kind(model) -> str:
-    """The base model type of a ShortV model (``shortv_qwen2_vl`` -> ``qwen2_vl``)."""
-    return model.config.model_type.removeprefix("shortv_")
+def _graph_kind(model) -> str | None:
+    """The graph kind of a ShortV model's family (``families.Family.onnx``: "llava", "tiled" or "mrope")."""
+    return FAMILIES[model.config.model_type.removeprefix("shortv_")].onnx
 
 
 class _WindowedVisionEncoder(nn.Module):
@@ -257,7 +317,7 @@ def export_onnx(
     model.to(device or "cpu").eval()
     out.mkdir(parents=True, exist_ok=True)
     steps = [("vision_encoder", _export_vision), ("embed_tokens", _export_embed), ("decoder", _export_decoder)]
-    bar = _bar(len(steps), progress)
+    bar = progress_bar(len(steps), desc="exporting ONNX", enabled=progress, unit="graph")
     spec = {"format": 1, "dtype": _name(ONNX_DTYPES[dtype]), "opset": OPSET, **_runner_config(model, kind)}
     for name, step in steps:
         bar.set_description(f"exporting {name}")
@@ -334,12 +394,6 @@ def read_safetensors(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
     return tensors
 
 
-def _bar(total, progress):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not progress, unit="graph")
-
-
 def _runner_config(model, kind) -> dict:
     config = model.config
     text = config.text_config
@@ -353,7 +407,7 @@ def _runner_config(model, kind) -> dict:
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
     }
-    if kind in MROPE:
+    if FAMILIES[kind].onnx == "mrope":
         vision = config.vision_config
         window = getattr(vision, "window_size", None)  # Qwen2-VL: none
         runner.update(spatial_merge_size=vision.spatial_merge_size, window_size=window, patch_size=vision.patch_size)
@@ -417,60 +471,158 @@ def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _export(module, args, path, input_names, output_names, dynamic_shapes, axes):
+def _export(module, args, out: Path, graph: Graph, dims: dict | None = None) -> None:
+    """Export ``module`` called on ``args`` to ``out / graph.file``, its inputs and outputs as ``graph`` declares
+    them (``dims``: the torch.export Dims of named axes; every other named input axis is free)."""
+    path = out / graph.file
     device = next(module.parameters()).device
     args = tuple(arg.to(device) for arg in args)
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # "torchvision is not installed" notices
+    dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+    dedup.addFilter(_not_a_dedup_notice)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
                 module.eval(),
                 args,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_shapes=dynamic_shapes,
+                input_names=[io.name for io in graph.inputs],
+                output_names=[io.name for io in graph.outputs],
+                dynamic_shapes=_per_parameter(module, graph.dynamic_shapes(dims or {})),
                 opset_version=OPSET,
                 dynamo=True,
                 verbose=False,
             )
         except Exception as err:  # torch.export raises many types with pages of detail; one clear line for the user
-            raise ShortVError(f"ONNX export of {path.name} failed: {_first_line(err)}") from err
+            raise ShortVError(f"ONNX export of {path.name} failed: {first_line(err, limit=300)}") from err
         finally:
             quiet.setLevel(level)
-    _save(program, path, _param_bytes(module), axes)
+            dedup.removeFilter(_not_a_dedup_notice)
+    _save(program, path, _param_bytes(module), graph.axes())
     del program
     _release_rewriter_state()
 
 
-def _first_line(err: Exception, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _not_a_dedup_notice(record: logging.LogRecord) -> bool:
+    """False for onnx_ir's notice that an initializer which is also a graph output is not deduplicated (LLaVA-NeXT's
+    image_newline, folded to a constant by the exporter's optimizer): nothing for the user to act on."""
+    message = str(record.msg)
+    return not (message.startswith("Skipped deduplication of initializer") and "graph input or output" in message)
+
+
+def _per_parameter(module, shapes: list[dict]) -> tuple:
+    """Dynamic shapes laid out as ``module.forward``'s parameters: a ``*past`` parameter takes the rest as one tuple."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    if params and params[-1].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (*shapes[: len(params) - 1], tuple(shapes[len(params) - 1 :]))
+    return tuple(shapes)
+
+
+# -- the graphs: each one's inputs and outputs in one table, and the example inputs it is traced with ----------
+
+
+def _image_graph(config, dtype: str, newline: bool) -> Graph:
+    """LLaVA, LLaVA-NeXT (whose tiles come as images, and which returns its row-end embedding too)."""
+    size, hidden = config.vision_config.image_size, config.text_config.hidden_size
+    return Graph(
+        "vision_encoder",
+        GRAPHS[0],
+        inputs=(GraphIO("pixel_values", ("images", 3, size, size), dtype),),
+        outputs=(
+            GraphIO("image_features", ("images", "image_tokens", hidden), dtype),
+            *([GraphIO("image_newline", (hidden,), dtype, "LLaVA-NeXT row end")] if newline else []),
+        ),
+    )
+
+
+def _tile_graph(config, dtype: str) -> Graph:
+    """Idefics3 / SmolVLM: the real tiles of the processor's split and their pixel masks."""
+    size, hidden = config.vision_config.image_size, config.text_config.hidden_size
+    return Graph(
+        "vision_encoder",
+        GRAPHS[0],
+        inputs=(
+            GraphIO("pixel_values", ("tiles", 3, size, size), dtype),
+            GraphIO("pixel_attention_mask", ("tiles", size, size), "bool"),
+        ),
+        outputs=(GraphIO("image_features", ("tiles", "image_tokens", hidden), dtype),),
+    )
+
+
+def _patch_graph(config, dtype: str) -> Graph:
+    """Qwen2-VL / Qwen2.5-VL: patches, and what the runner computes from image_grid_thw (patches = merge^2 units)."""
+    vision, hidden = config.vision_config, config.text_config.hidden_size
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return Graph(
+        "vision_encoder",
+        GRAPHS[0],
+        inputs=(
+            GraphIO("pixel_values", ("patches", patch_dim), dtype),
+            GraphIO("position_ids", ("patches", 2), "int64", "row, column of each patch"),
+            GraphIO("window_index", ("units",), "int64", "merge units in window order"),
+            GraphIO("window_mask", ("patches", "patches"), "bool", "same window, window order"),
+            GraphIO("full_mask", ("patches", "patches"), "bool", "same frame, window order"),
+        ),
+        outputs=(GraphIO("image_features", ("units", hidden), dtype),),
+        doc="inputs from image_grid_thw: shortv_export.onnx_runtime.qwen_vision_inputs",
+    )
+
+
+def _embed_graph(config, dtype: str) -> Graph:
+    return Graph(
+        "embed_tokens",
+        GRAPHS[1],
+        inputs=(GraphIO("input_ids", ("batch", "seq"), "int64"),),
+        outputs=(GraphIO("inputs_embeds", ("batch", "seq", config.text_config.hidden_size), dtype),),
+    )
+
+
+_TEXT_INDEX_DOC = (
+    "positions (0..seq-1) of each row's non-image tokens in order; a row with fewer repeats its last one. Frozen "
+    "layers compute queries, O and the MLP for these rows only. Decode: arange(seq)."
+)
+
+
+def _decoder_graph(config, dtype: str, num_layers: int, mrope: bool) -> Graph:
+    text = config.text_config
+    hidden, heads, head_dim = text.hidden_size, text.num_key_value_heads, _head_dim(text)
+    if mrope:
+        doc = "M-RoPE (temporal, height, width) as get_rope_index makes them; decode: last + 1"
+        positions = GraphIO("position_ids", (3, "batch", "seq"), "int64", doc)
+    else:
+        positions = GraphIO("position_ids", ("batch", "seq"), "int64", "cumsum(attention_mask) - 1")
+    mask_doc = "1 = attend, 0 = padding"
+    return Graph(
+        "decoder",
+        GRAPHS[2],
+        inputs=(
+            GraphIO("inputs_embeds", ("batch", "seq", hidden), dtype),
+            GraphIO("attention_mask", ("batch", "past + seq"), "int64", mask_doc, graph_names={1: "total"}),
+            positions,
+            GraphIO("text_index", ("batch", "text"), "int64", _TEXT_INDEX_DOC),
+            *per_layer(GraphIO("past_key_values.{i}.{kv}", ("batch", heads, "past", head_dim), dtype), num_layers),
+        ),
+        outputs=(
+            GraphIO("logits", ("batch", 1, text.vocab_size), dtype, "last position only"),
+            GraphIO("last_hidden_state", ("batch", "seq", hidden), dtype, "after the norm"),
+            *per_layer(GraphIO("present.{i}.{kv}", ("batch", heads, "past + seq", head_dim), dtype), num_layers),
+        ),
+    )
 
 
 def _export_vision(model, out: Path) -> dict:
-    if _kind(model) in TILED:
+    if _graph_kind(model) == "tiled":
         return _export_tiles(model, out)
-    if _kind(model) in MROPE:
+    if _graph_kind(model) == "mrope":
         return _export_windowed(model, out)
     module = _VisionEncoder(model)
     size = model.config.vision_config.image_size
     dtype = next(model.parameters()).dtype
     pixels = torch.randn(2, 3, size, size, dtype=dtype)
-    outputs = ["image_features"] + (["image_newline"] if module.image_newline is not None else [])
-    dim = torch.export.Dim.DYNAMIC
-    axes = {"pixel_values": {0: "images"}, "image_features": {1: "image_tokens"}}
-    _export(module, (pixels,), out / GRAPHS[0], ["pixel_values"], outputs, ({0: dim},), axes)
-    hidden = model.config.text_config.hidden_size
-    io = {
-        "inputs": {"pixel_values": {"shape": ["images", 3, size, size], "dtype": _name(dtype)}},
-        "outputs": {"image_features": {"shape": ["images", "image_tokens", hidden], "dtype": _name(dtype)}},
-    }
-    if module.image_newline is not None:
-        io["outputs"]["image_newline"] = {"shape": [hidden], "dtype": _name(dtype), "doc": "LLaVA-NeXT row end"}
-    return {"vision_encoder": {"file": GRAPHS[0], **io}}
+    graph = _image_graph(model.config, _name(dtype), newline=module.image_newline is not None)
+    _export(module, (pixels,), out, graph)
+    return graph.spec()
 
 
 def _export_tiles(model, out: Path) -> dict:
@@ -480,19 +632,9 @@ def _export_tiles(model, out: Path) -> dict:
     pixels = torch.randn(2, 3, size, size, dtype=dtype)
     mask = torch.ones(2, size, size, dtype=torch.bool)
     mask[1, :, size // 2 :] = False  # a padded tile, so the graph keeps the mask's path
-    dim = torch.export.Dim.DYNAMIC
-    axes = {"pixel_values": {0: "tiles"}, "pixel_attention_mask": {0: "tiles"}, "image_features": {0: "tiles"}}
-    names = ["pixel_values", "pixel_attention_mask"]
-    _export(module, (pixels, mask), out / GRAPHS[0], names, ["image_features"], ({0: dim}, {0: dim}), axes)
-    hidden = model.config.text_config.hidden_size
-    io = {
-        "inputs": {
-            "pixel_values": {"shape": ["tiles", 3, size, size], "dtype": _name(dtype)},
-            "pixel_attention_mask": {"shape": ["tiles", size, size], "dtype": "bool"},
-        },
-        "outputs": {"image_features": {"shape": ["tiles", "image_tokens", hidden], "dtype": _name(dtype)}},
-    }
-    return {"vision_encoder": {"file": GRAPHS[0], **io}}
+    graph = _tile_graph(model.config, _name(dtype))
+    _export(module, (pixels, mask), out, graph)
+    return graph.spec()
 
 
 def _export_windowed(model, out: Path) -> dict:
@@ -505,107 +647,34 @@ def _export_windowed(model, out: Path) -> dict:
     pixels = torch.randn(len(feeds["position_ids"]), patch_dim, dtype=dtype)
     args = (pixels, *(torch.from_numpy(feeds[k]) for k in ("position_ids", "window_index", "window_mask", "full_mask")))
     units = torch.export.Dim("units", min=1)
-    patches = vision.spatial_merge_size**2 * units
-    shapes = ({0: patches}, {0: patches}, {0: units}, {0: patches, 1: patches}, {0: patches, 1: patches})
-    names = ["pixel_values", "position_ids", "window_index", "window_mask", "full_mask"]
-    axes = {n: {0: "patches"} for n in names} | {"window_index": {0: "units"}, "image_features": {0: "units"}}
-    _export(module, args, out / GRAPHS[0], names, ["image_features"], shapes, axes)
-    hidden = model.config.text_config.hidden_size
-    io = {
-        "inputs": {
-            "pixel_values": {"shape": ["patches", patch_dim], "dtype": _name(dtype)},
-            "position_ids": {"shape": ["patches", 2], "dtype": "int64", "doc": "row, column of each patch"},
-            "window_index": {"shape": ["units"], "dtype": "int64", "doc": "merge units in window order"},
-            "window_mask": {"shape": ["patches", "patches"], "dtype": "bool", "doc": "same window, window order"},
-            "full_mask": {"shape": ["patches", "patches"], "dtype": "bool", "doc": "same frame, window order"},
-        },
-        "outputs": {"image_features": {"shape": ["units", hidden], "dtype": _name(dtype)}},
-        "doc": "inputs from image_grid_thw: shortv_export.onnx_runtime.qwen_vision_inputs",
-    }
-    return {"vision_encoder": {"file": GRAPHS[0], **io}}
+    graph = _patch_graph(model.config, _name(dtype))
+    _export(module, args, out, graph, {"units": units, "patches": vision.spatial_merge_size**2 * units})
+    return graph.spec()
 
 
 def _export_embed(model, out: Path) -> dict:
-    module = _Embed(model)
-    ids = torch.zeros(2, 7, dtype=torch.long)
-    dim = torch.export.Dim.DYNAMIC
-    axes = {"input_ids": {0: "batch", 1: "seq"}}
-    _export(module, (ids,), out / GRAPHS[1], ["input_ids"], ["inputs_embeds"], ({0: dim, 1: dim},), axes)
-    hidden = model.config.text_config.hidden_size
-    dtype = _name(next(model.parameters()).dtype)
-    io = {
-        "inputs": {"input_ids": {"shape": ["batch", "seq"], "dtype": "int64"}},
-        "outputs": {"inputs_embeds": {"shape": ["batch", "seq", hidden], "dtype": dtype}},
-    }
-    return {"embed_tokens": {"file": GRAPHS[1], **io}}
+    graph = _embed_graph(model.config, _name(next(model.parameters()).dtype))
+    _export(_Embed(model), (torch.zeros(2, 7, dtype=torch.long),), out, graph)
+    return graph.spec()
 
 
 def _export_decoder(model, out: Path) -> dict:
     module = _Decoder(model)
     text = model.config.text_config
     dtype = next(model.parameters()).dtype
-    heads = text.num_key_value_heads
-    head_dim = _head_dim(text)
     batch, past, seq = 2, 3, 7  # no 0 or 1: those sizes would be specialised
     embeds = torch.randn(batch, seq, text.hidden_size, dtype=dtype)
     attention = torch.ones(batch, past + seq, dtype=torch.long)
     positions = torch.arange(past, past + seq).expand(batch, -1).contiguous()
-    mrope = _kind(model) in MROPE
+    mrope = _graph_kind(model) == "mrope"
     if mrope:  # temporal, height, width rows
         positions = positions.expand(3, -1, -1).contiguous()
     text_index = torch.tensor([[0, 1, 4, 5, 6], [0, 3, 4, 6, 6]])
-    caches = [torch.randn(batch, heads, past, head_dim, dtype=dtype) for _ in range(2 * module.num_layers)]
-    names = [f"past_key_values.{i}.{kv}" for i in range(module.num_layers) for kv in ("key", "value")]
-    presents = [n.replace("past_key_values", "present") for n in names]
-    d = torch.export.Dim.DYNAMIC
-    shapes = (
-        {0: d, 1: d},
-        {0: d, 1: d},
-        {1: d, 2: d} if mrope else {0: d, 1: d},
-        {0: d, 1: d},
-        tuple({0: d, 2: d} for _ in caches),
-    )
-    _export(
-        module,
-        (embeds, attention, positions, text_index, *caches),
-        out / GRAPHS[2],
-        ["inputs_embeds", "attention_mask", "position_ids", "text_index", *names],
-        ["logits", "last_hidden_state", *presents],
-        shapes,
-        {
-            "inputs_embeds": {0: "batch", 1: "seq"},
-            "attention_mask": {1: "total"},
-            "text_index": {1: "text"},
-            **{n: {2: "past"} for n in names},
-        },
-    )
-    name = _name(dtype)
-    kv = {"shape": ["batch", heads, "past", head_dim], "dtype": name}
-    present = {"shape": ["batch", heads, "past + seq", head_dim], "dtype": name}
-    inputs = {
-        "inputs_embeds": {"shape": ["batch", "seq", text.hidden_size], "dtype": name},
-        "attention_mask": {"shape": ["batch", "past + seq"], "dtype": "int64", "doc": "1 = attend, 0 = padding"},
-        "position_ids": {"shape": ["batch", "seq"], "dtype": "int64", "doc": "cumsum(attention_mask) - 1"}
-        if not mrope
-        else {
-            "shape": [3, "batch", "seq"],
-            "dtype": "int64",
-            "doc": "M-RoPE (temporal, height, width) as get_rope_index makes them; decode: last + 1",
-        },
-        "text_index": {
-            "shape": ["batch", "text"],
-            "dtype": "int64",
-            "doc": "positions (0..seq-1) of each row's non-image tokens in order; a row with fewer repeats its "
-            "last one. Frozen layers compute queries, O and the MLP for these rows only. Decode: arange(seq).",
-        },
-        **{n: dict(kv) for n in names},
-    }
-    outputs = {
-        "logits": {"shape": ["batch", 1, text.vocab_size], "dtype": name, "doc": "last position only"},
-        "last_hidden_state": {"shape": ["batch", "seq", text.hidden_size], "dtype": name, "doc": "after the norm"},
-        **{n: dict(present) for n in presents},
-    }
-    return {"decoder": {"file": GRAPHS[2], "inputs": inputs, "outputs": outputs}}
+    cache_shape = (batch, text.num_key_value_heads, past, _head_dim(text))
+    caches = [torch.randn(*cache_shape, dtype=dtype) for _ in range(2 * module.num_layers)]
+    graph = _decoder_graph(model.config, _name(dtype), module.num_layers, mrope)
+    _export(module, (embeds, attention, positions, text_index, *caches), out, graph)
+    return graph.spec()
 
 
 def _head_dim(text_config) -> int:

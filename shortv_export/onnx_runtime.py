@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .families import FAMILIES
+
 SPEC_FILE = "shortv_onnx.json"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _NUMPY = {"float32": np.float32, "float16": np.float16}
@@ -83,9 +85,9 @@ class ShortVOnnxModel:
         """One [tokens, hidden] array per image (Idefics3 / SmolVLM: per tile), in the order the image tokens
         appear."""
         pixel_values = np.asarray(pixel_values, dtype=self.dtype)
-        if self.spec["model_type"] in TILED:
+        if _graph_kind(self.spec) == "tiled":
             return self._tile_features(pixel_values, pixel_attention_mask)
-        if self.spec["model_type"] in MROPE:
+        if _graph_kind(self.spec) == "mrope":
             return self._patch_features(pixel_values, image_grid_thw)
         if self.spec["model_type"] != "llava_next":
             (features,) = self.vision.run(None, {"pixel_values": pixel_values})
@@ -155,7 +157,7 @@ class ShortVOnnxModel:
         elif visual.any():
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         batch = input_ids.shape[0]
-        if self.spec["model_type"] in MROPE:
+        if _graph_kind(self.spec) == "mrope":
             types = visual.astype(np.int64) if mm_token_type_ids is None else mm_token_type_ids
             grid = [] if image_grid_thw is None else np.asarray(image_grid_thw).tolist()
             position_ids = rope_index(types, attention_mask, grid, self.spec["spatial_merge_size"])
@@ -308,6 +310,13 @@ def warp(logits: np.ndarray, temperature=1.0, top_k=None, top_p=None) -> np.ndar
     return scores
 
 
+def _graph_kind(spec: dict) -> str | None:
+    """The export's graph kind (``families.Family.onnx``): "tiled" (tiles and pixel masks in), "mrope" (patches
+    and the ``qwen_vision_inputs`` in, 3-D positions), else the LLaVA graphs (one image tensor)."""
+    family = FAMILIES.get(spec["model_type"])
+    return family.onnx if family is not None else None
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -340,10 +349,6 @@ def text_index(visual: np.ndarray) -> np.ndarray:
 
 
 # -- Qwen2-VL / Qwen2.5-VL's vision inputs and M-RoPE positions, as transformers computes them, in numpy -------
-
-
-TILED = ("idefics3", "smolvlm")  # vision graph fed the processor's tiles and their pixel masks
-MROPE = ("qwen2_vl", "qwen2_5_vl")  # vision graph fed by qwen_vision_inputs, decoder fed 3-D positions
 
 
 def qwen_vision_inputs(grid, merge: int, window: int | None, patch: int) -> dict[str, np.ndarray]:

@@ -11,6 +11,14 @@ def one_line(err: BaseException, limit: int | None = None) -> str:
     return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """``err``'s type and the first line of its message (``RuntimeError: the graph broke``), cut to ``limit``
+    characters when given: for errors whose later lines are pages of detail (torch.export's)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
 def progress_bar(total: int, desc: str, enabled: bool = True, unit: str = "it"):
     """A tqdm bar with a label and a unit (``enabled=False``: a bar that prints nothing)."""
     from tqdm.auto import tqdm

@@ -479,3 +479,37 @@ def test_a_failed_quantization_leaves_no_temporary_files(exported, tmp_path, mon
     with pytest.raises(RuntimeError, match="agreement"):
         onnx_quantize.quantize_decoder(copy / "onnx", "int4", copy, external_data=False)
     assert sorted(p.name for p in (copy / "onnx").iterdir()) == before
+
+
+def test_export_prints_no_deduplication_notice(tmp_path, caplog):
+    """LLaVA-NeXT's image_newline output is folded to an initializer: onnx_ir's initializer deduplication used to
+    log "Skipped deduplication of initializer ... graph input or output" for it, which the user cannot act on."""
+    import logging
+
+    from shortv_export.onnx_export import _export_vision
+
+    model = load_shortv(tiny_dir("llava_next"), FROZEN, attn_implementation="sdpa").eval()
+    with caplog.at_level(logging.DEBUG):
+        spec = _export_vision(model, tmp_path)
+    assert list(spec["vision_encoder"]["outputs"]) == ["image_features", "image_newline"]
+    assert not [r for r in caplog.records if "Skipped deduplication" in r.getMessage()]
+
+
+def _onnx_cli(args):
+    from shortv_export.onnx_cli import main as onnx_main
+
+    return CliRunner().invoke(onnx_main, args)
+
+
+def test_onnx_cli_rejects_zero_new_tokens_before_loading_anything(tmp_path):
+    image(8, 8).save(tmp_path / "img.png")
+    result = _onnx_cli([str(tmp_path), "--image", str(tmp_path / "img.png"), "--prompt", "hi", "--max-new-tokens", "0"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--max-new-tokens': 0 is not in the range x>=1" in result.stderr
+
+
+def test_onnx_cli_version():
+    import shortv_export
+
+    result = _onnx_cli(["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"shortv-onnx {shortv_export.__version__}"
