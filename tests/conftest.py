@@ -67,3 +67,13 @@ def processor_for(folder: Path):
     from shortv_export.load import load_processor
 
     return load_processor(folder)
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest -n --dist loadgroup, the ONNX tests that share one export (test_onnx.py's ``exported``, cached
+    per worker) run on one worker, so no model is exported twice."""
+    for item in items:
+        if item.module.__name__ == "test_onnx" and "exported" in item.fixturenames:
+            params = item.callspec.params if hasattr(item, "callspec") else {}
+            group = f"onnx-{params.get('kind', 'llava')}-{params.get('text', 'llama')}"
+            item.add_marker(pytest.mark.xdist_group(group))
