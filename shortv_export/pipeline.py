@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import ShortVError, WrittenButInterrupted
 from .families import FAMILIES, onnx_families
+from .figures import Fidelity, Flops, OnnxValidation, Quantization, Verification
 
 DEFAULT_TEXT_TOKENS = 64  # the text of a typical prompt, for FLOPs when no calibration set was run
 MIN_AGREEMENT = 0.9
@@ -119,14 +120,14 @@ class ConvertResult:
     num_layers: int
     n: int  # layers frozen
     layers: list[int] | None  # frozen layers, lowest LC first (None in a dry run that would calibrate)
-    flops: dict[str, Any]  # flops.flops_summary, with "tokens_from": what the token counts are
+    flops: Flops  # vanilla vs ShortV prefill FLOPs, and what the token counts are
     command: str  # the shortv-export command that reproduces it
     out: Path | None = None
     files: list = field(default_factory=list)  # write.PlannedFile of the output folder
     lc: Any = None  # calibrate.LCResult, with .fidelity, when the layers were calibrated
-    onnx: dict[str, Any] | None = None  # the export's validation figures
-    onnx_quantization: dict[str, Any] | None = None  # what --onnx-quantize did, and its agreement
-    verification: dict[str, Any] | None = None
+    onnx: OnnxValidation | None = None  # the export's validation figures
+    onnx_quantization: Quantization | None = None  # what --onnx-quantize did, and its agreement
+    verification: Verification | None = None
     pushed: Any = None  # publish.PushResult
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
@@ -253,18 +254,14 @@ def select_stage(plan: Plan, calibration: CalibrationOptions, progress: bool, sa
         return plan.layers, None
     lc = _calibrate(plan.source, plan.out, calibration, plan.n, progress, say)
     say(f"LC order (lowest first): {lc.order}")
-    f = lc.fidelity
-    say(
-        f"all {len(f['layers'])} frozen together: mean KL {f['mean_kl']:.4g}, top-1 agreement "
-        f"{f['top1_agreement']:.1%} on {f['samples']} samples"
-    )
+    say(Fidelity.of(lc.fidelity).log_line())
     return lc.fidelity["layers"], lc
 
 
 def _result(plan, layers, lc, options, calibration, warnings, say) -> ConvertResult:
     """The result as selected, before anything is written."""
     source = plan.source
-    warning = _agreement_warning(lc.fidelity) if lc is not None else None
+    warning = Fidelity.of(lc.fidelity).warning() if lc is not None else None
     flops = _flops(source, layers, lc)
     result = ConvertResult(
         source.model_id,
@@ -279,7 +276,7 @@ def _result(plan, layers, lc, options, calibration, warnings, say) -> ConvertRes
         warnings=[*warnings, *([warning] if warning else [])],
     )
     say(f"frozen for visual tokens: {result.n} layers {result.layers}")
-    say(_flops_line(result.flops))
+    say(result.flops.log_line())
     return result
 
 
@@ -322,12 +319,8 @@ def verify_stage(source, result: ConvertResult, options: ConvertOptions, calibra
         v = verify_folder(result.out, source.path, result.layers, device=calibration.device, dtype=calibration.dtype)
     except ShortVError as err:
         raise ShortVError(f"{err}. {result.out} is written but was not pushed" if publisher else str(err)) from None
-    say(
-        f"verified: reloaded {v['class']} matches the in-process model (max |logits diff| "
-        f"{v['max_abs_logits_diff_vs_in_process']:.2e}); vs base: mean KL {v['mean_kl_vs_base']:.4g}, top-1 "
-        f"agreement {v['top1_agreement_vs_base']:.0%} on {v['samples']} prompts; generating with the cache matches "
-        f"without it (max |logits diff| {v['generate_max_abs_logits_diff_cached_vs_uncached']:.2e}, {v['dtype']})"
-    )
+    v = Verification.of(v)
+    say(v.log_line())
     result = replace(result, verification=v)
     repo = publisher.resolve_repo_id() if publisher is not None else None
     _replace(result.out / "README.md", _card(source, result, options, repo).encode())
@@ -380,7 +373,7 @@ def dry_run_stage(plan: Plan, options: ConvertOptions, calibration, say, warning
         target = options.target_flops
         rule = f"the {plan.n} lowest-LC layers" + (f" (FLOPs ratio <= {target})" if target else "")
         say(f"would calibrate LC on {len(calib.samples)} samples of {_set_description(calib.name)} and freeze {rule}")
-        say(_flops_line(result.flops))
+        say(result.flops.log_line())
         files = plan_files(source, dict.fromkeys(("README.md", "lc.json", "lc.png")))
     export = options.export
     if export.enabled:
@@ -408,31 +401,17 @@ def _export(folder: Path, options: ConvertOptions, calibration: CalibrationOptio
     report = export_onnx(
         folder, dtype=export.dtype, progress=options.progress, quantize=export.quantize, device=calibration.device
     )
-    v, q = report.validation, report.quantization
-    say(
-        f"ONNX Runtime vs PyTorch on {v['samples']} sample prompts, prefill and {v['decode_steps']} decode "
-        f"steps: max |logits diff| {max(v['max_abs_logits_diff'], v['max_abs_decode_logits_diff']):.2e} "
-        f"(tolerance {v['tolerance']:.2e}), max |KV cache diff| {v['max_abs_present_diff']:.2e}, greedy tokens "
-        f"{'agree' if v['greedy_tokens_agree'] else 'differ'}"
-    )
+    v, q = OnnxValidation.of(report.validation), Quantization.of(report.quantization)
+    say(v.log_line())
     if q:
-        say(
-            f"decoder quantized to {q['scheme']} ({q['quantized_matmuls']} MatMuls, "
-            f"{q['decoder_bytes_before'] / 2**20:.1f} -> {q['decoder_bytes_after'] / 2**20:.1f} MiB): top-1 "
-            f"agreement with the unquantized graph {q['top1_agreement_vs_unquantized']:.1%} on {q['samples']} "
-            f"calibration prompts, mean KL {q['mean_kl']:.3g}"
-        )
+        say(q.log_line())
     return {"onnx": v, "onnx_quantization": q}
 
 
 def _quantization_warnings(exported: dict[str, Any], calibration: CalibrationOptions) -> list[str]:
     q = exported.get("onnx_quantization")
-    if not q or q["top1_agreement_vs_unquantized"] >= calibration.min_agreement:
-        return []
-    return [
-        f"the {q['scheme']} decoder agrees with the unquantized one on {q['top1_agreement_vs_unquantized']:.1%} of "
-        f"next tokens, below --min-agreement {calibration.min_agreement:.0%}"
-    ]
+    warning = q.warning(calibration.min_agreement) if q else None
+    return [warning] if warning else []
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -566,20 +545,7 @@ def _largest_n_above(order: list[int], n_bad: int, agreement, floor: float) -> d
     return {"largest_n_above_min_agreement": good, "largest_n_top1_agreement": good_share}
 
 
-def _agreement_warning(f: dict[str, Any]) -> str | None:
-    """The warning for a selection whose top-1 agreement is below its ``min_agreement``, if it is."""
-    if f.get("min_agreement") is None or f["top1_agreement"] >= f["min_agreement"]:
-        return None
-    good = f.get("largest_n_above_min_agreement", 0)
-    advice = f"--n {good} keeps {f['largest_n_top1_agreement']:.1%}" if good else "no N >= 1 stays above it"
-    return (
-        f"top-1 next-token agreement with the base model is {f['top1_agreement']:.1%} with {len(f['layers'])} "
-        f"layers frozen, below --min-agreement {f['min_agreement']:.0%}; {advice} (a rerun with --overwrite into "
-        "the same --out reuses the LC)"
-    )
-
-
-def _flops(source, layers, lc) -> dict[str, Any]:
+def _flops(source, layers, lc) -> Flops:
     text_config = source.hf_config.text_config
     if lc is not None:
         n_visual, n_text = lc.calibration["n_visual_mean"], lc.calibration["n_text_mean"]
@@ -587,25 +553,15 @@ def _flops(source, layers, lc) -> dict[str, Any]:
     return _flops_at(text_config, _default_visual_tokens(source), DEFAULT_TEXT_TOKENS, layers, "typical prompt")
 
 
-def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str) -> dict[str, Any]:
+def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str) -> Flops:
     from .flops import flops_summary
 
-    return dict(flops_summary(text_config, round(n_visual), round(n_text), layers), tokens_from=tokens_from)
+    return Flops.of(dict(flops_summary(text_config, round(n_visual), round(n_text), layers), tokens_from=tokens_from))
 
 
 def _default_visual_tokens(source) -> int:
     """Visual tokens of one typical image of the family (``families.Family.typical_visual_tokens``)."""
     return FAMILIES[source.kind].typical_visual_tokens(source.hf_config)
-
-
-def _flops_line(flops: dict[str, Any]) -> str:
-    from .flops import format_flops
-
-    return (
-        f"prefill FLOPs at {flops['n_visual']} visual + {flops['n_text']} text tokens ({flops['tokens_from']}): "
-        f"{format_flops(flops['vanilla_tflops'])} -> {format_flops(flops['shortv_tflops'])} "
-        f"(ratio {flops['ratio']:.3f}, ideal speed-up {flops['ideal_speedup']:.2f}x)"
-    )
 
 
 def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: ConvertOptions, model: str) -> str:
@@ -646,17 +602,11 @@ def _card(source, result: ConvertResult, options: ConvertOptions, repo: str | No
         has_plot = any(f.name == "lc.png" for f in result.files)
     return model_card(
         source,
-        result.layers,
-        result.flops,
-        result.command,
-        lc=result.lc,
+        result,
+        repo=repo or result.out.name,
         has_plot=has_plot,
         license=base_license(source),
-        repo=repo or result.out.name,
-        verification=result.verification,
         onnx=options.export.enabled,
-        onnx_validation=result.onnx,
-        onnx_quantization=result.onnx_quantization,
         base_model=options.base_model,
     )
 
