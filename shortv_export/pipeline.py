@@ -188,13 +188,15 @@ def convert(
     plan = plan_stage(model, options, calibration, say)
     if options.dry_run:
         return dry_run_stage(plan, options, calibration, say, warnings)
+    publisher = _publisher(plan.out, options.push)  # offline mode, the token and the endpoint, before long work
     layers, lc = select_stage(plan, calibration, options.progress, say)
     result = _result(plan, layers, lc, options, calibration, warnings, say)
     result = write_stage(plan.source, result, options, calibration, say)
-    if not (options.verify or options.push.enabled):
+    if not (options.verify or publisher):
         return result
     try:
-        publisher = _publisher(result.out, options.push)  # the token, before the (slower) verification
+        if publisher:
+            publisher.written_to(result.out)
         result = verify_stage(plan.source, result, options, calibration, publisher, say)
         return publish_stage(result, publisher, options.push, say)
     except KeyboardInterrupt:
@@ -336,14 +338,21 @@ def publish_stage(result: ConvertResult, publisher, push: PushOptions, say) -> C
 
 
 def _publisher(folder: Path, push: PushOptions):
-    """The Publisher of a --push (it checks the token and offline mode when made), or None."""
+    """The Publisher of a --push, its offline mode, token and endpoint checked, or None."""
     from .publish import Publisher
 
     if not push.enabled:
         return None
-    return Publisher(
-        folder, repo_id=push.repo_id, private=push.private, revision=push.revision, create_pr=push.create_pr
+    publisher = Publisher(
+        folder,
+        repo_id=push.repo_id,
+        private=push.private,
+        revision=push.revision,
+        create_pr=push.create_pr,
+        written=False,
     )
+    publisher.check()
+    return publisher
 
 
 def dry_run_stage(plan: Plan, options: ConvertOptions, calibration, say, warnings) -> ConvertResult:

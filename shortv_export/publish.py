@@ -32,12 +32,17 @@ def check_push_options(revision: str | None, create_pr: bool) -> None:
 
 
 class Publisher:
-    """One push: checks the token and offline mode up front, resolves the repo id, uploads the folder."""
+    """One push: checks offline mode and the token when made and the endpoint with ``check`` (before anything is
+    written), resolves the repo id, uploads the folder once ``written_to`` says it is there."""
 
-    def __init__(self, folder: str | Path, *, repo_id=None, private=False, revision=None, create_pr=False):
+    def __init__(
+        self, folder: str | Path, *, repo_id=None, private=False, revision=None, create_pr=False, written=True
+    ):
         from huggingface_hub import HfApi, get_token
 
         self.folder = Path(folder)
+        self.written = written  # False: made before the conversion writes ``folder``
+        self._user = None
         self.private, self.revision, self.create_pr = private, revision, create_pr
         self.repo_id = repo_id
         check_push_options(revision, create_pr)
@@ -48,11 +53,21 @@ class Publisher:
             raise ShortVError(self.failed("no Hub token: set HF_TOKEN or run `hf auth login` (write access)"))
         self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
 
+    def check(self) -> None:
+        """The endpoint answers and takes the token (whoami): a push that cannot work fails before the conversion."""
+        with _hub_errors(self):
+            self._user = self.api.whoami()["name"]
+
+    def written_to(self, folder: str | Path) -> None:
+        """The output folder is complete: failures from now on keep it and say how to retry."""
+        self.folder, self.written = Path(folder), True
+
     def resolve_repo_id(self) -> str:
         """``--repo-id``, or ``<token user>/<folder name>``."""
         if self.repo_id is None:
-            with _hub_errors(self):
-                self.repo_id = f"{self.api.whoami()['name']}/{self.folder.name}"
+            if self._user is None:
+                self.check()
+            self.repo_id = f"{self._user}/{self.folder.name}"
         return self.repo_id
 
     def push(self, commit_message: str | None = None) -> PushResult:
@@ -83,6 +98,8 @@ class Publisher:
         return shlex.join(args)
 
     def failed(self, why: str) -> str:
+        if not self.written:
+            return f"push failed: {why}. Nothing was written: fix this and run the command again"
         return (
             f"push failed: {why}. The local folder {self.folder} is complete and intact; "
             f"retry with: {self.retry_command()}"

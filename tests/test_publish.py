@@ -140,18 +140,22 @@ def _in_process_env(monkeypatch, hub, token):
         monkeypatch.setenv("HF_TOKEN", token)
 
 
-@pytest.mark.parametrize(
-    "case, token, message",
-    [
-        ("no token", None, "no Hub token: set HF_TOKEN or run `hf auth login`"),
-        ("bad token", "hf_bad", "rejected the token (401)"),
-        ("read-only token", "hf_readonly", "may not write to this repo (403)"),
-        ("someone else's repo", "hf_good", "may not write to this repo (403)"),
-        ("network down", "hf_good", "could not reach the Hub"),
-        ("offline mode", "hf_good", "offline mode (HF_HUB_OFFLINE=1)"),
-        ("server error", "hf_good", "the Hub answered 500"),
-    ],
-)
+# What a push can only find out when it uploads (the folder is written by then, and kept), and what it checks before
+# the conversion starts (nothing is written).
+UPLOAD_ERRORS = [
+    ("read-only token", "hf_readonly", "may not write to this repo (403)"),
+    ("someone else's repo", "hf_good", "may not write to this repo (403)"),
+    ("server error", "hf_good", "the Hub answered 500"),
+]
+EARLY_ERRORS = [
+    ("no token", None, "no Hub token: set HF_TOKEN or run `hf auth login`"),
+    ("bad token", "hf_bad", "rejected the token (401)"),
+    ("network down", "hf_good", "could not reach the Hub"),
+    ("offline mode", "hf_good", "offline mode (HF_HUB_OFFLINE=1)"),
+]
+
+
+@pytest.mark.parametrize("case, token, message", UPLOAD_ERRORS + EARLY_ERRORS)
 def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, case, token, message):
     from huggingface_hub import constants
 
@@ -176,18 +180,26 @@ def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, c
         "--repo-id",
         repo_id,
     ]
+    if case in [c for c, _, _ in EARLY_ERRORS]:  # checked before calibration or the write: nothing is written
+        import shortv_export.write as write
+
+        monkeypatch.setattr(write, "write_checkpoint", lambda *a, **k: pytest.fail("wrote before checking the push"))
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr
-    assert f"{out} is complete and intact; retry with: hf upload {repo_id} {out} ." in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
     assert "hf_good" not in result.output + result.stderr
+    if case in [c for c, _, _ in EARLY_ERRORS]:
+        assert result.stderr.strip().endswith("Nothing was written: fix this and run the command again")
+        assert not out.exists() and hub.commits_made == 0
+    else:
+        assert f"{out} is complete and intact; retry with: hf upload {repo_id} {out} ." in result.stderr
+        assert (out / "model.safetensors").exists() and (out / "config.json").exists()
 
 
 def test_push_honours_hf_hub_offline_set_after_import(hub, tmp_path, monkeypatch):
     """HF_HUB_OFFLINE=1 put in the environment after huggingface_hub read its constant (which stays False) stops
-    the push just as the constant does: the one-line offline message, nothing sent to the Hub, the folder kept."""
+    the push just as the constant does: the one-line offline message, nothing sent to the Hub, nothing written."""
     from huggingface_hub import constants
 
     _in_process_env(monkeypatch, hub, "hf_good")
@@ -198,10 +210,10 @@ def test_push_honours_hf_hub_offline_set_after_import(hub, tmp_path, monkeypatch
     result = CliRunner().invoke(main, [*args, "--repo-id", "me/tiny"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [
-        "Error: push failed: the Hub is in offline mode (HF_HUB_OFFLINE=1); unset it. The local folder "
-        f"{out} is complete and intact; retry with: hf upload me/tiny {out} ."
+        "Error: push failed: the Hub is in offline mode (HF_HUB_OFFLINE=1); unset it. Nothing was written: fix "
+        "this and run the command again"
     ]
-    assert {"model.safetensors", "config.json", "README.md"} <= set(folder_files(out))
+    assert not out.exists()  # checked before the conversion
     assert hub.repos == {} and hub.commits_made == 0
 
 
