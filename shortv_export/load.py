@@ -89,7 +89,44 @@ def resolve_model(model: str, *, revision: str | None = None, config_only: bool 
         weights=[f for f in files if f.endswith(".safetensors")],
     )
     check_supported(source, files)
+    if not config_only:
+        check_weights(source)
     return source
+
+
+def check_weights(source: Source) -> None:
+    """Each safetensors file is whole: a header that parses and tensor data as long as the header says (reads the
+    headers only). Raises ShortVError naming the file and what is wrong: before anything is written."""
+    for name in source.weights:
+        path = source.path / name
+        if not path.is_file():
+            raise ShortVError(f"{source.model_id}: weight file {name} is missing")
+        size = path.stat().st_size
+        problem = _safetensors_problem(path, size)
+        if problem:
+            raise ShortVError(f"{source.model_id}: weight file {name} {problem}; download or save it again")
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """What is wrong with the safetensors file at ``path`` of ``size`` bytes, or None."""
+    if size == 0:
+        return "is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            return f"is not a safetensors file or is truncated ({size} bytes; its header cannot be read)"
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, ValueError):
+            return "is not a safetensors file (its header does not parse)"
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        return "is not a safetensors file (its header lists no tensor offsets)"
+    if 8 + length + end > size:
+        return f"is truncated: its header needs {8 + length + end} bytes, the file has {size}"
+    return None
 
 
 def load_processor(path: str | Path):

@@ -9,6 +9,7 @@ and returns a ``ConvertResult``. The ``shortv-export`` command parses its option
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -519,6 +520,7 @@ def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say):
         lc = calibrate(
             model, processor, calib, modality=c.modality, batch_size=c.batch_size, progress=progress, key=key
         )
+        _check_finite(lc.visual + (lc.text or []))
     layers = lowest(lc.order, n)
     floor = c.min_agreement
     stored = lc.fidelity if lc.fidelity and lc.fidelity["layers"] == layers else None
@@ -538,6 +540,15 @@ def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say):
             )
             lc.fidelity.update(_largest_n_above(lc.order, len(layers), agreement, floor))
     return lc
+
+
+def _check_finite(values: list[float]) -> None:
+    """NaN or inf LC: the model's own outputs on the calibration set are not finite (not a ShortV problem)."""
+    if not all(math.isfinite(v) for v in values):
+        raise ShortVError(
+            "LC is not finite (NaN or inf): the model's outputs on the calibration set are not finite; check the "
+            "weights, or calibrate with --dtype fp32"
+        )
 
 
 def _largest_n_above(order: list[int], n_bad: int, agreement, floor: float) -> dict[str, Any]:

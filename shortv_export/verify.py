@@ -114,6 +114,11 @@ def verify_folder(
         "generate_equals_in_process": torch.equal(out["tokens"], mine["tokens"]),
         "transformers": transformers.__version__,
     }
+    if not all(bool(torch.isfinite(t).all()) for t in (shortv, vanilla, reloaded, out["cached"])):
+        raise ShortVError(
+            f"verify failed: the model's logits are not finite (NaN or inf) in {settings['dtype']}: the weights hold "
+            "NaN/inf values, or the dtype overflows (try --dtype fp32)"
+        )
     problems = _problems(figures, report, layers, active=not (layers and torch.equal(reloaded, vanilla)))
     if problems:
         raise ShortVError("verify failed: " + "; ".join(problems))
