@@ -83,15 +83,21 @@ def calibration_key(source: Source, calib: CalibrationSet, modality: str, dtype:
     """What makes two calibrations the same: the model, the samples and how they were run."""
     return {
         "method": LC_METHOD,
-        "model": source.model_id,
+        "model": source.repo_id or source.name,  # no local path: lc.json is published
         "model_fingerprint": model_fingerprint(source),
-        "set": calib.name,
+        "set": public_name(calib.name),
         "set_fingerprint": calib.fingerprint(),
         "seed": calib.seed,
         "samples": len(calib.samples),
         "modality": modality,
         "dtype": str(dtype).removeprefix("torch."),
     }
+
+
+def public_name(name: str) -> str:
+    """A calibration set's name as published: ``default`` or ``hf:...`` as it is, a local file or folder by its
+    name alone (no local path leaves the machine)."""
+    return name if name == "default" or name.startswith("hf:") else Path(name).name
 
 
 def reusable(lc_file: Path, key: dict[str, Any]) -> LCResult | None:

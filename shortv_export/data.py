@@ -88,6 +88,8 @@ def load_calibration(
     if samples is not None:
         if samples < 1:
             raise ShortVError(f"--samples {samples}: must be at least 1")
+        if samples > len(items):
+            raise ShortVError(f"--samples {samples}: the calibration set {name} has {len(items)} samples")
         if samples < len(items):
             chosen = sorted(random.Random(seed).sample(range(len(items)), samples))
             items = [items[i] for i in chosen]

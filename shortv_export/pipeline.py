@@ -10,6 +10,7 @@ and returns a ``ConvertResult``. The ``shortv-export`` command parses its option
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from .errors import ShortVError, WrittenButInterrupted
 from .families import FAMILIES, onnx_families
 from .figures import Fidelity, Flops, OnnxValidation, Quantization, Verification
 
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")  # what the card's YAML may name as base_model
 DEFAULT_TEXT_TOKENS = 64  # the text of a typical prompt, for FLOPs when no calibration set was run
 MIN_AGREEMENT = 0.9
 
@@ -110,6 +112,8 @@ class ConvertOptions:
             raise ShortVError("give --n or --target-flops, not both")
         if self.target_flops is not None and not 0 < self.target_flops <= 1:
             raise ShortVError(f"--target-flops {self.target_flops}: must be a ratio in (0, 1]")
+        if self.base_model is not None and not _HUB_ID.fullmatch(self.base_model):
+            raise ShortVError(f"--base-model {self.base_model!r}: not a Hub repo id (owner/name)")
 
 
 @dataclass
@@ -139,7 +143,7 @@ class Plan:
     """What the plan stage settled before any long work: the source, the layers given (or how many calibration
     will pick), the output folder, and the token counts a dry run or --target-flops measured."""
 
-    model: str  # MODEL as given (the reproduce command names it, or --base-model)
+    model: str  # what the reproduce command names: --base-model, the Hub id, or the local folder's name
     source: Any  # load.Source
     layers: list[int] | None  # given with --layers; None: calibration picks ``n``
     n: int
@@ -247,7 +251,7 @@ def plan_stage(model: str, options: ConvertOptions, calibration: CalibrationOpti
             planned = _n_for_target(source, options.target_flops, *counts[:2])
     out = options.out or Path(f"{source.name}-shortv-n{planned}")
     check_output(out, options.overwrite, source)  # before the (long) calibration
-    return Plan(options.base_model or source.repo_id or model, source, layers, planned, out, counts)
+    return Plan(options.base_model or source.repo_id or source.name, source, layers, planned, out, counts)
 
 
 def select_stage(plan: Plan, calibration: CalibrationOptions, progress: bool, say) -> tuple[list[int], Any]:
@@ -273,12 +277,12 @@ def _result(plan, layers, lc, options, calibration, warnings, say) -> ConvertRes
         len(layers),
         layers,
         flops,
-        _command(layers, lc is not None, len(layers), calibration, options, plan.model),
+        _command(layers, lc is not None, len(layers), calibration, options, plan),
         out=plan.out,
         lc=lc,
         warnings=[*warnings, *([warning] if warning else [])],
     )
-    say(f"frozen for visual tokens: {result.n} layers {result.layers}")
+    say(f"frozen for visual tokens: {result.n} layer{'s' * (result.n != 1)} {result.layers}")
     say(result.flops.log_line())
     return result
 
@@ -376,7 +380,7 @@ def dry_run_stage(plan: Plan, options: ConvertOptions, calibration, say, warning
             plan.n,
             None,
             flops,
-            _command(None, True, plan.n, calibration, options, plan.model),
+            _command(None, True, plan.n, calibration, options, plan),
             out=plan.out,
             warnings=warnings,
         )
@@ -584,8 +588,11 @@ def _default_visual_tokens(source) -> int:
     return FAMILIES[source.kind].typical_visual_tokens(source.hf_config)
 
 
-def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: ConvertOptions, model: str) -> str:
-    """The shortv-export command that reproduces the result: its selection and every option that changes it."""
+def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: ConvertOptions, plan) -> str:
+    """The shortv-export command that reproduces the result: its selection, every option that changes it and the
+    output folder's name. It names no local path: a local source by ``--base-model`` or its folder's name, a local
+    calibration set by its file's name."""
+    model, out = plan.model, plan.out
     args = []
     if not calibrated:
         args += ["--layers", ",".join(map(str, layers))]
@@ -593,7 +600,9 @@ def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: C
         target = options.target_flops
         args += ["--target-flops", str(target)] if target is not None else ["--n", str(n)]
         if c.calib:
-            args += ["--calib", c.calib]
+            from .calibrate import public_name
+
+            args += ["--calib", public_name(c.calib)]
             if c.calib.startswith("hf:"):
                 args += ["--image-column", c.image_column]
                 args += ["--prompt-column", c.prompt_column] if c.prompt_column else []
@@ -611,7 +620,7 @@ def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: C
     if export.enabled:
         args += ["--onnx"] + (["--onnx-dtype", export.dtype] if export.dtype != "fp32" else [])
         args += ["--onnx-quantize", export.quantize] if export.quantize else []
-    return shlex.join(["shortv-export", str(model), *args])
+    return shlex.join(["shortv-export", str(model), *args, "--out", out.name])
 
 
 def _card(source, result: ConvertResult, options: ConvertOptions, repo: str | None = None, has_plot=None) -> str:

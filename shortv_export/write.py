@@ -23,6 +23,9 @@ from .models import ALL_MODELING_FILES, MODELING_DIR, SUPPORTED, modeling_files,
 
 # Written by us, never copied from the base folder.
 OWN_FILES = {"config.json", "README.md", "lc.json", "lc.png", *ALL_MODELING_FILES}
+# Training leftovers a checkpoint folder may hold beside the model: not part of the model, never copied.
+TRAINING_FILES = {"metrics.json", "trainer_state.json", "training_args.json", "all_results.json", "train_results.json"}
+TRAINING_FILES |= {"eval_results.json"}
 _PARTIAL = ".partial-"
 
 
@@ -48,7 +51,7 @@ def plan_files(source: Source, extra: dict[str, bytes | None] | None = None) -> 
     base_files = sorted(p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("."))
     for path in base_files:
         name = path.name
-        if name in OWN_FILES or name in (extra or {}) or name.endswith(PICKLE_SUFFIXES):
+        if name in OWN_FILES or name in TRAINING_FILES or name in (extra or {}) or name.endswith(PICKLE_SUFFIXES):
             continue
         size = path.stat().st_size if path.exists() else None
         plan.append(PlannedFile(name, path, size, "link" if name.endswith(".safetensors") else "copy"))

@@ -219,7 +219,7 @@ def test_the_reproduce_command_carries_every_option_that_changes_the_result(tmp_
     )
     assert result.command == (
         "shortv-export me/tiny --n 2 --samples 3 --seed 2 --dtype fp32 --min-agreement 0.5 --onnx --onnx-dtype fp16 "
-        "--onnx-quantize int4"
+        "--onnx-quantize int4 --out x"
     )
 
 
