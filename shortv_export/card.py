@@ -51,7 +51,7 @@ def model_card(
         f"layer, `{FAMILIES[source.kind].modeling_file}` the model class, and `config.json` lists the frozen "
         "layers in `shortv_layers`.",
         "",
-        *_usage(repo),
+        *_usage(repo, FAMILIES[source.kind]),
         *(_onnx_usage(repo, result.onnx, result.onnx_quantization) if onnx else []),
         *_frozen_layers(layers, result.lc, has_plot),
         *result.flops.card_lines(),
@@ -69,7 +69,17 @@ def model_card(
     return "\n".join(lines)
 
 
-def _usage(repo: str) -> list[str]:
+def _usage(repo: str, family) -> list[str]:
+    needs = (
+        [
+            f"{family.display}'s processor needs torchvision in transformers "
+            f"({'for its video processor' if family.video_processor else 'its module imports it'}): "
+            "`pip install torchvision` before `AutoProcessor.from_pretrained`.",
+            "",
+        ]
+        if family.torchvision
+        else []
+    )
     return [
         "## Usage",
         "",
@@ -90,6 +100,7 @@ def _usage(repo: str) -> list[str]:
         '`AutoModel`, `pipeline("image-text-to-text")`, batches with padding, bf16/fp16, eager and SDPA '
         'attention and `device_map="auto"` work as with the base model. `trust_remote_code=True` is required.',
         "",
+        *needs,
     ]
 
 

@@ -20,6 +20,7 @@ from oracle import oracle_hooks
 from transformers import AutoModelForImageTextToText
 
 from shortv_export.cli import main
+from shortv_export.families import FAMILIES
 from shortv_export.load import load_processor
 from shortv_export.models import SUPPORTED, load_shortv
 from shortv_export.tiny import NEW_FAMILIES
@@ -45,6 +46,7 @@ def check_folder(kind: str, out, layers: list[int]) -> None:
     assert {"configuration_shortv.py", "modeling_shortv.py", family.modeling_file} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert family.modeling_file in card and f"- {kind}" in card
+    assert ("`pip install torchvision` before `AutoProcessor" in card) == FAMILIES[kind].torchvision
 
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, attn_implementation="sdpa")
     assert type(model).__name__ == family.model_cls.__name__
