@@ -57,6 +57,12 @@ CAL, EXPORT = CalibrationOptions(), ExportOptions()  # the defaults, as the Pyth
 )
 @click.option("--device-map", type=click.Choice(["auto"]), help="Spread a model larger than one GPU.")
 @click.option(
+    "--threads",
+    type=int,
+    help="CPU threads for calibration and verification [default: PyTorch's, one per core]. On cores shared with "
+    "other jobs, 1 avoids a several-fold slowdown.",
+)
+@click.option(
     "--min-agreement",
     type=float,
     default=CAL.min_agreement,
@@ -109,7 +115,7 @@ def main(model, **options):
 
 
 CALIBRATION = ("calib", "samples", "seed", "image_column", "prompt_column", "modality", "batch_size", "device")
-CALIBRATION += ("dtype", "device_map", "min_agreement")
+CALIBRATION += ("dtype", "device_map", "min_agreement", "threads")
 
 
 def run(model: str, *, quiet: bool, layers_spec: str | None, **options) -> None:

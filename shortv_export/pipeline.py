@@ -42,12 +42,15 @@ class CalibrationOptions:
     dtype: str = "auto"
     device_map: str | None = None
     min_agreement: float = MIN_AGREEMENT
+    threads: int | None = None  # CPU threads for calibration and verification (None: PyTorch's default)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ShortVError(f"--batch-size {self.batch_size}: must be at least 1")
         if not 0 <= self.min_agreement <= 1:
             raise ShortVError(f"--min-agreement {self.min_agreement}: must be a share in [0, 1]")
+        if self.threads is not None and self.threads < 1:
+            raise ShortVError(f"--threads {self.threads}: must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,10 @@ def _check_environment(options: ConvertOptions, calibration: CalibrationOptions)
         raise ShortVError(f"--onnx needs {', '.join(missing)}: pip install 'shortv-export[onnx]' (or [gpu])")
     if not options.progress:
         _quiet_libraries()
+    if calibration.threads is not None:
+        import torch
+
+        torch.set_num_threads(calibration.threads)
     return [f"--onnx needs {', '.join(missing)}: pip install 'shortv-export[onnx]'"] if missing else []
 
 
@@ -323,7 +330,14 @@ def verify_stage(source, result: ConvertResult, options: ConvertOptions, calibra
 
     say("verifying: reloading the folder in a fresh process with transformers alone")
     try:
-        v = verify_folder(result.out, source.path, result.layers, device=calibration.device, dtype=calibration.dtype)
+        v = verify_folder(
+            result.out,
+            source.path,
+            result.layers,
+            device=calibration.device,
+            dtype=calibration.dtype,
+            threads=calibration.threads,
+        )
     except ShortVError as err:
         raise ShortVError(f"{err}. {result.out} is written but was not pushed" if publisher else str(err)) from None
     v = Verification.of(v)

@@ -74,6 +74,7 @@ def verify_folder(
     samples: int = 4,
     device: str | None = None,
     dtype: str = "fp32",
+    threads: int | None = None,
 ) -> dict:
     """Check ``folder`` (the written checkpoint of ``base`` freezing ``layers``) on ``device`` (default the CPU) in
     ``dtype`` ("fp32", "bf16", "fp16", or "auto": fp32 on the CPU, bf16 on a GPU); raise ShortVError on failure."""
@@ -92,7 +93,7 @@ def verify_folder(
     prompts = prompt_batch(processor, chosen[:2])  # left-padded: the rows differ in length
     mine = _in_process(base, layers, inputs, prompts, device, torch_dtype)
     settings = {"greedy": mine["greedy"], "device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
-    report, out = _reloaded(folder, inputs, prompts, settings)
+    report, out = _reloaded(folder, inputs, prompts, settings, threads)
 
     shortv, vanilla, reloaded = mine["shortv"], mine["vanilla"], out["logits"]
     scale = float(shortv.abs().max()) or 1.0
@@ -145,7 +146,7 @@ def _in_process(base, layers, inputs: dict, prompts: dict, device: str, torch_dt
     return {"shortv": shortv, "tokens": tokens, "vanilla": vanilla, "greedy": greedy}
 
 
-def _reloaded(folder: Path, inputs: dict, prompts: dict, settings: dict) -> tuple[dict, dict]:
+def _reloaded(folder: Path, inputs: dict, prompts: dict, settings: dict, threads: int | None) -> tuple[dict, dict]:
     """What the folder gives in a fresh process with transformers alone (``_USER_CODE``): its report (class,
     missing and unexpected weights, layers) and its outputs (logits, tokens, cached and uncached step logits)."""
     with tempfile.TemporaryDirectory(prefix="shortv-verify-") as tmp:
@@ -153,6 +154,8 @@ def _reloaded(folder: Path, inputs: dict, prompts: dict, settings: dict) -> tupl
         torch.save(inputs, tmp / "inputs.pt")
         torch.save(prompts, tmp / "prompts.pt")
         env = dict(os.environ, HF_MODULES_CACHE=str(tmp / "modules"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         paths = [str(folder.resolve()), *(str(tmp / name) for name in ("inputs.pt", "prompts.pt", "out.pt"))]
         result = subprocess.run(
             [sys.executable, "-c", _USER_CODE, *paths, json.dumps(settings)],

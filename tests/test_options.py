@@ -27,3 +27,16 @@ def test_one_frozen_layer_is_one_layer():
     result = _run("--layers", "1", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "frozen for visual tokens: 1 layer [1]" in result.output and "1 layers" not in result.output
+
+
+def test_threads_sets_the_cpu_threads_of_the_run(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert _run("--threads", "0", "--dry-run").exit_code == 2
+        result = _run("--layers", "1", "--threads", "1", "--out", str(tmp_path / "o"), "-q")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
