@@ -19,6 +19,7 @@ the model is the stock one. Runs on transformers 5.23 (cache argument ``past_key
 """
 
 import functools
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -405,6 +406,20 @@ class ShortVModelMixin:
             self._no_split_modules.add(layer_class.__name__)
         self._shortv_attention_types = attention_types(text_model.config)
         _warn_if_untested(self.config)
+
+    def __init_subclass__(cls, **kwargs):
+        """A family's model shows ``inspect.signature`` (which transformers' tests and tools read) the signature of
+        the stock forward, which this mixin's ``forward`` hands every argument on to."""
+        super().__init_subclass__(**kwargs)
+        stock = getattr(super(), "forward", None)  # the stock forward; None in a mixin over no stock model yet
+        if stock is not None and "forward" not in vars(cls):
+
+            @functools.wraps(ShortVModelMixin.forward)
+            def forward(self, input_ids=None, **kwargs):
+                return ShortVModelMixin.forward(self, input_ids, **kwargs)
+
+            forward.__signature__ = inspect.signature(stock)
+            cls.forward = forward
 
     def shortv_text_model(self):
         """The decoder: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""

@@ -2,7 +2,8 @@
 input is the forward's first argument (``test_model_main_input_name``), and a bare ``ShortV<Family>Model(config)``
 initialises its frozen layers as the stock model initialises those layers (``test_can_init_all_missing_weights``):
 here bitwise, since the ShortV model builds the stock one first and its frozen layers take the replaced layers'
-weights."""
+weights. The model's forward shows the stock signature (``test_inputs_embeds*`` and the eager-vs-SDPA tests read
+it)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 from conftest import tiny_dir
 from transformers import CONFIG_MAPPING
 
-from shortv_export.models import SUPPORTED, shortv_config_dict
 from shortv_export.families import FAMILIES
+from shortv_export.models import SUPPORTED, shortv_config_dict
 
 FROZEN = [0, 2]
 
@@ -56,3 +57,11 @@ def test_a_bare_model_initialises_its_frozen_layers_as_stock_does(kind):
 
 def _layers(model):
     return (model.language_model if "language_model" in model._modules else model.text_model).layers
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_the_model_forward_shows_the_stock_signature(kind):
+    _, shortv_cls, stock_cls = _classes(kind)
+    ours, stock = inspect.signature(shortv_cls.forward).parameters, inspect.signature(stock_cls.forward).parameters
+    assert list(ours) == list(stock)
+    assert {"inputs_embeds", "attention_mask"} <= set(ours)
