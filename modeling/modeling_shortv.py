@@ -37,6 +37,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     eager_attention_forward,
+    repeat_kv,
     rotate_half,
 )
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer
@@ -117,7 +118,7 @@ class ShortVAttention:
 
     ``text_index`` [B, T, D], ``text_position_embeddings`` (their cos, sin) and ``text_valid`` come from the layer's
     ``FrozenRows``; ``attention_mask`` is then the text queries' [B, 1, T, K] mask. Keys and values are computed
-    (and cached) for every row.
+    (and cached) for every row. Eager attention returns the stock layer's map (``eager_text_attention``); SDPA none.
     """
 
     def forward(
@@ -155,24 +156,30 @@ class ShortVAttention:
             query = q_norm(query)
         query = _rope(query, *text_position_embeddings)
 
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        out = self.o_proj(out.reshape(batch, n_text, -1))
-        if weights is not None:  # line up with the stock layer's maps: [B, heads, S, K], zero on visual rows
-            if text_valid is not None:
-                weights = weights * text_valid.unsqueeze(1)
-            rows = text_index[:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
-            weights = weights.new_zeros(batch, weights.shape[1], seq, weights.shape[-1]).scatter(2, rows, weights)
-        return out, weights
+        if self.config._attn_implementation == "eager":
+            out, weights = self.eager_text_attention(query, key, value, attention_mask, text_index, text_valid, seq)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            dropout = 0.0 if not self.training else self.attention_dropout
+            out, weights = attention(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
+        return self.o_proj(out.reshape(batch, n_text, -1)), weights
+
+    def eager_text_attention(self, query, key, value, attention_mask, text_index, text_valid, seq):
+        """``eager_attention_forward`` for the text queries, returning the map the stock layer returns: [B, heads, S,
+        K], zero on visual rows, in the autograd graph of the output like the stock map. The text rows' weights are
+        scattered into it before the dropout, and the product with the values reads them back (the same output as
+        from the text rows' weights: one scatter and one gather more)."""
+        key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
+        weights = torch.matmul(query, key.transpose(2, 3)) * self.scaling + attention_mask
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        if text_valid is not None:  # padding entries point at visual rows, which stay zero
+            weights = weights * text_valid.unsqueeze(1)
+        rows = text_index[:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
+        full = weights.new_zeros(*weights.shape[:2], seq, weights.shape[-1]).scatter(2, rows, weights)
+        full = nn.functional.dropout(full, p=self.attention_dropout if self.training else 0.0, training=self.training)
+        return torch.matmul(full.gather(2, rows), value).transpose(1, 2).contiguous(), full
 
 
 class ShortVDecoderLayer:

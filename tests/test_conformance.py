@@ -3,20 +3,22 @@ input is the forward's first argument (``test_model_main_input_name``), and a ba
 initialises its frozen layers as the stock model initialises those layers (``test_can_init_all_missing_weights``):
 here bitwise, since the ShortV model builds the stock one first and its frozen layers take the replaced layers'
 weights. The model's forward shows the stock signature (``test_inputs_embeds*`` and the eager-vs-SDPA tests read
-it)."""
+it); a frozen layer's attention map is in the autograd graph of the text outputs
+(``test_retain_grad_hidden_states_attentions``)."""
 
 from __future__ import annotations
 
 import inspect
 import json
+from functools import cache
 
 import pytest
 import torch
-from conftest import tiny_dir
+from conftest import batch, image, processor_for, tiny_dir
 from transformers import CONFIG_MAPPING
 
 from shortv_export.families import FAMILIES
-from shortv_export.models import SUPPORTED, shortv_config_dict
+from shortv_export.models import SUPPORTED, load_shortv, shortv_config_dict, visual_token_ids
 
 FROZEN = [0, 2]
 
@@ -65,3 +67,30 @@ def test_the_model_forward_shows_the_stock_signature(kind):
     ours, stock = inspect.signature(shortv_cls.forward).parameters, inspect.signature(stock_cls.forward).parameters
     assert list(ours) == list(stock)
     assert {"inputs_embeds", "attention_mask"} <= set(ours)
+
+
+@cache
+def _eager(kind: str):
+    return load_shortv(tiny_dir(kind), FROZEN, attn_implementation="eager")
+
+
+def _image_and_text(kind: str) -> dict:
+    return batch(processor_for(tiny_dir(kind)), [("what is this ?", [image(40, 50, 0)])])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_frozen_layers_attention_map_is_in_the_graph_of_the_text_outputs(kind):
+    """``test_retain_grad_hidden_states_attentions``, backpropagating from a text position (the prompt's last): every
+    layer's map gets a gradient, a frozen layer's zero on its visual rows (they are not queries)."""
+    model = _eager(kind)
+    inputs = _image_and_text(kind)
+    outputs = model(**inputs, output_attentions=True, output_hidden_states=True)
+    for tensor in (*outputs.attentions, *outputs.hidden_states):
+        tensor.retain_grad()
+    outputs.logits[0, -1, 0].backward()
+    assert all(h.grad is not None for h in outputs.hidden_states)
+    visual = torch.isin(inputs["input_ids"][0], torch.tensor(visual_token_ids(model.config)))
+    for i, attention in enumerate(outputs.attentions):
+        assert attention.grad is not None, i
+        if i in FROZEN:
+            assert attention.grad[0, :, ~visual].any() and not attention.grad[0, :, visual].any(), i
