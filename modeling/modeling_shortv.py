@@ -148,15 +148,15 @@ class ShortVAttention:
         key = _rope(key, *(t.unsqueeze(1) for t in position_embeddings))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if n_text == 0:  # only visual tokens here (a prefill chunk): nothing is a query
+        eager = self.config._attn_implementation == "eager"
+        if n_text == 0 and not eager:  # only visual tokens here (a prefill chunk): nothing is a query
             return hidden_states.new_zeros(batch, 0, self.o_proj.out_features), None
-        query = self.q_proj(hidden_states.gather(1, text_index)).view(batch, n_text, -1, self.head_dim)
-        query = query.transpose(1, 2)
+        query = self.q_proj(hidden_states.gather(1, text_index)).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         if q_norm is not None:
             query = q_norm(query)
         query = _rope(query, *text_position_embeddings)
 
-        if self.config._attn_implementation == "eager":
+        if eager:
             out, weights = self.eager_text_attention(query, key, value, attention_mask, text_index, text_valid, seq)
         else:
             attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -164,13 +164,13 @@ class ShortVAttention:
             out, weights = attention(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
-        return self.o_proj(out.reshape(batch, n_text, -1)), weights
+        return self.o_proj(out.flatten(2)), weights
 
     def eager_text_attention(self, query, key, value, attention_mask, text_index, text_valid, seq):
         """``eager_attention_forward`` for the text queries, returning the map the stock layer returns: [B, heads, S,
-        K], zero on visual rows, in the autograd graph of the output like the stock map. The text rows' weights are
-        scattered into it before the dropout, and the product with the values reads them back (the same output as
-        from the text rows' weights: one scatter and one gather more)."""
+        K], zero on visual rows (also with no text row), in the autograd graph of the output like the stock map. The
+        text rows' weights are scattered into it before the dropout, and the product with the values reads them back
+        (the same output as from the text rows' weights: one scatter and one gather more)."""
         key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
         weights = torch.matmul(query, key.transpose(2, 3)) * self.scaling + attention_mask
         weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)

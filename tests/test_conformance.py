@@ -4,7 +4,8 @@ initialises its frozen layers as the stock model initialises those layers (``tes
 here bitwise, since the ShortV model builds the stock one first and its frozen layers take the replaced layers'
 weights. The model's forward shows the stock signature (``test_inputs_embeds*`` and the eager-vs-SDPA tests read
 it); a frozen layer's attention map is in the autograd graph of the text outputs
-(``test_retain_grad_hidden_states_attentions``)."""
+(``test_retain_grad_hidden_states_attentions``) and there, of the stock shape, also in a call with no text row
+(``test_attention_outputs`` on the Idefics3 tester's image-only inputs)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,31 @@ def test_a_frozen_layers_attention_map_is_in_the_graph_of_the_text_outputs(kind)
         assert attention.grad is not None, i
         if i in FROZEN:
             assert attention.grad[0, :, ~visual].any() and not attention.grad[0, :, visual].any(), i
+
+
+def _image_only(kind: str) -> dict:
+    """A call with only visual rows (an image-only prefill chunk, as the Idefics3 tester's inputs): the processor's
+    inputs for one image, cut to the visual placeholder tokens, which the stock forward takes as they are (its
+    placeholder count still equals the image features')."""
+    inputs = _image_and_text(kind)
+    ids = inputs["input_ids"]
+    visual = torch.isin(ids, torch.tensor(visual_token_ids(_eager(kind).config)))
+    return {k: v[visual][None] if torch.is_tensor(v) and v.shape == ids.shape else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_frozen_layer_returns_a_map_of_the_stock_shape_in_a_call_with_no_text_row(kind):
+    """``test_attention_outputs`` on image-only inputs: one [B, heads, S, S] map per layer, a frozen layer's zero (no
+    row is a query) and in the graph (``test_retain_grad_hidden_states_attentions`` takes the first layer's)."""
+    model = _eager(kind)
+    inputs = _image_only(kind)
+    outputs = model(**inputs, output_attentions=True)
+    text_config = model.config.text_config
+    seq = inputs["input_ids"].shape[1]
+    assert len(outputs.attentions) == text_config.num_hidden_layers
+    for i, attention in enumerate(outputs.attentions):
+        assert attention.shape == (1, text_config.num_attention_heads, seq, seq), i
+        attention.retain_grad()
+    outputs.logits.flatten()[0].backward()
+    for i in FROZEN:
+        assert not outputs.attentions[i].any() and outputs.attentions[i].grad is not None, i
