@@ -5,7 +5,8 @@ here bitwise, since the ShortV model builds the stock one first and its frozen l
 weights. The model's forward shows the stock signature (``test_inputs_embeds*`` and the eager-vs-SDPA tests read
 it); a frozen layer's attention map is in the autograd graph of the text outputs
 (``test_retain_grad_hidden_states_attentions``) and there, of the stock shape, also in a call with no text row
-(``test_attention_outputs`` on the Idefics3 tester's image-only inputs)."""
+(``test_attention_outputs`` on the Idefics3 tester's image-only inputs); and every Auto class the stock model_type
+is registered under loads a ShortV checkpoint with remote code."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from functools import cache
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import batch, image, processor_for, tiny_dir
 from transformers import CONFIG_MAPPING
+from transformers.models.auto import modeling_auto
 
+from shortv_export.cli import main
 from shortv_export.families import FAMILIES
 from shortv_export.models import SUPPORTED, load_shortv, shortv_config_dict, visual_token_ids
 
@@ -123,3 +127,32 @@ def test_a_frozen_layer_returns_a_map_of_the_stock_shape_in_a_call_with_no_text_
     outputs.logits.flatten()[0].backward()
     for i in FROZEN:
         assert not outputs.attentions[i].any() and outputs.attentions[i].grad is not None, i
+
+
+def _stock_auto_classes(kind: str) -> dict[str, str]:
+    """Auto class -> the stock class it loads a ``kind`` checkpoint as, as transformers registers them."""
+    config_cls = CONFIG_MAPPING[kind]
+    autos = (getattr(modeling_auto, name) for name in dir(modeling_auto) if name.startswith("AutoModel"))
+    return {
+        auto.__name__: auto._model_mapping[config_cls].__name__
+        for auto in autos
+        if hasattr(auto, "_model_mapping") and config_cls in auto._model_mapping
+    }
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_every_auto_class_of_the_stock_type_loads_a_shortv_checkpoint(kind, tmp_path):
+    """Each with ``trust_remote_code=True`` gives the ShortV class in the stock class's role (``AutoModel``: the
+    generation class, as documented), freezing the converted layers."""
+    out = tmp_path / f"auto-classes-{kind}"  # a folder name of its own: dynamic modules are cached by it
+    result = CliRunner().invoke(main, [str(tiny_dir(kind)), "--layers", "1", "--out", str(out), "-q", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    generation = SUPPORTED[kind].model_cls.__name__
+    stock = _stock_auto_classes(kind)
+    assert {"AutoModel", "AutoModelForImageTextToText"} <= stock.keys()
+    for auto, stock_cls in stock.items():
+        model = getattr(modeling_auto, auto).from_pretrained(out, trust_remote_code=True)
+        expected = generation if auto == "AutoModel" else f"ShortV{stock_cls}"
+        assert type(model).__name__ == expected, auto
+        layer = model.model.shortv_text_model().layers[1]
+        assert type(layer).__name__.startswith("ShortV") and model.config.shortv_layers == [1], auto
