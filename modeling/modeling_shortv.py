@@ -19,6 +19,7 @@ the model is the stock one. Runs on transformers 5.23 (cache argument ``past_key
 """
 
 import functools
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
     eager_attention_forward,
+    repeat_kv,
     rotate_half,
 )
 from transformers.models.mistral.modeling_mistral import MistralAttention, MistralDecoderLayer
@@ -116,7 +118,7 @@ class ShortVAttention:
 
     ``text_index`` [B, T, D], ``text_position_embeddings`` (their cos, sin) and ``text_valid`` come from the layer's
     ``FrozenRows``; ``attention_mask`` is then the text queries' [B, 1, T, K] mask. Keys and values are computed
-    (and cached) for every row.
+    (and cached) for every row. Eager attention returns the stock layer's map (``eager_text_attention``); SDPA none.
     """
 
     def forward(
@@ -146,32 +148,38 @@ class ShortVAttention:
         key = _rope(key, *(t.unsqueeze(1) for t in position_embeddings))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        if n_text == 0:  # only visual tokens here (a prefill chunk): nothing is a query
+        eager = self.config._attn_implementation == "eager"
+        if n_text == 0 and not eager:  # only visual tokens here (a prefill chunk): nothing is a query
             return hidden_states.new_zeros(batch, 0, self.o_proj.out_features), None
-        query = self.q_proj(hidden_states.gather(1, text_index)).view(batch, n_text, -1, self.head_dim)
-        query = query.transpose(1, 2)
+        query = self.q_proj(hidden_states.gather(1, text_index)).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
         if q_norm is not None:
             query = q_norm(query)
         query = _rope(query, *text_position_embeddings)
 
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        out = self.o_proj(out.reshape(batch, n_text, -1))
-        if weights is not None:  # line up with the stock layer's maps: [B, heads, S, K], zero on visual rows
-            if text_valid is not None:
-                weights = weights * text_valid.unsqueeze(1)
-            rows = text_index[:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
-            weights = weights.new_zeros(batch, weights.shape[1], seq, weights.shape[-1]).scatter(2, rows, weights)
-        return out, weights
+        if eager:
+            out, weights = self.eager_text_attention(query, key, value, attention_mask, text_index, text_valid, seq)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            dropout = 0.0 if not self.training else self.attention_dropout
+            out, weights = attention(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
+        return self.o_proj(out.flatten(2)), weights
+
+    def eager_text_attention(self, query, key, value, attention_mask, text_index, text_valid, seq):
+        """``eager_attention_forward`` for the text queries, returning the map the stock layer returns: [B, heads, S,
+        K], zero on visual rows (also with no text row), in the autograd graph of the output like the stock map. The
+        text rows' weights are scattered into it before the dropout, and the product with the values reads them back
+        (the same output as from the text rows' weights: one scatter and one gather more)."""
+        key, value = repeat_kv(key, self.num_key_value_groups), repeat_kv(value, self.num_key_value_groups)
+        weights = torch.matmul(query, key.transpose(2, 3)) * self.scaling + attention_mask
+        weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+        if text_valid is not None:  # padding entries point at visual rows, which stay zero
+            weights = weights * text_valid.unsqueeze(1)
+        rows = text_index[:, None, :, :1].expand(-1, weights.shape[1], -1, weights.shape[-1])
+        full = weights.new_zeros(*weights.shape[:2], seq, weights.shape[-1]).scatter(2, rows, weights)
+        full = nn.functional.dropout(full, p=self.attention_dropout if self.training else 0.0, training=self.training)
+        return torch.matmul(full.gather(2, rows), value).transpose(1, 2).contiguous(), full
 
 
 class ShortVDecoderLayer:
@@ -405,6 +413,20 @@ class ShortVModelMixin:
             self._no_split_modules.add(layer_class.__name__)
         self._shortv_attention_types = attention_types(text_model.config)
         _warn_if_untested(self.config)
+
+    def __init_subclass__(cls, **kwargs):
+        """A family's model shows ``inspect.signature`` (which transformers' tests and tools read) the signature of
+        the stock forward, which this mixin's ``forward`` hands every argument on to."""
+        super().__init_subclass__(**kwargs)
+        stock = getattr(super(), "forward", None)  # the stock forward; None in a mixin over no stock model yet
+        if stock is not None and "forward" not in vars(cls):
+
+            @functools.wraps(ShortVModelMixin.forward)
+            def forward(self, input_ids=None, **kwargs):
+                return ShortVModelMixin.forward(self, input_ids, **kwargs)
+
+            forward.__signature__ = inspect.signature(stock)
+            cls.forward = forward
 
     def shortv_text_model(self):
         """The decoder: ``language_model`` (LLaVA, Qwen2-VL) or ``text_model`` (Idefics3, SmolVLM)."""

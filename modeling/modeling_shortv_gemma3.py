@@ -11,7 +11,8 @@ type); the stock mask lets an image's tokens attend to each other both ways, whi
 so the text queries' rows are the plain causal (global layers) or sliding-window (local layers) ones.
 """
 
-from transformers import Gemma3ForConditionalGeneration, Gemma3Model
+from torch import nn
+from transformers import Gemma3ForConditionalGeneration, Gemma3ForSequenceClassification, Gemma3Model, PreTrainedModel
 
 from .configuration_shortv import ShortVGemma3Config
 from .modeling_shortv import ShortVForConditionalGenerationMixin, ShortVModelMixin, _flags, mirror_weight_renames
@@ -31,10 +32,26 @@ class ShortVGemma3ForConditionalGeneration(ShortVForConditionalGenerationMixin, 
     shortv_model_class = ShortVGemma3Model
 
 
+class ShortVGemma3ForSequenceClassification(Gemma3ForSequenceClassification):
+    """Gemma 3's sequence classifier (``AutoModelForSequenceClassification``) over the ShortV model: the stock
+    ``__init__`` (``GenericForSequenceClassification``'s), with ``ShortVGemma3Model`` in place of the model it makes
+    with ``AutoModel``."""
+
+    config_class = ShortVGemma3Config
+
+    def __init__(self, config):
+        PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = ShortVGemma3Model(config)
+        self.score = nn.Linear(config.text_config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
 mirror_weight_renames(
     [
         ("shortv_gemma3", "gemma3"),
         ("ShortVGemma3Model", "Gemma3Model"),
         ("ShortVGemma3ForConditionalGeneration", "Gemma3ForConditionalGeneration"),
+        ("ShortVGemma3ForSequenceClassification", "Gemma3ForSequenceClassification"),
     ]
 )

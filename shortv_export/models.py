@@ -49,6 +49,28 @@ def visual_token_ids(config) -> list[int]:
     return [getattr(config, k) for k in ("image_token_id", "video_token_id") if getattr(config, k, None) is not None]
 
 
+# The Auto classes transformers (5.23, 5.24) registers a stock model_type under (its auto mappings): these for every
+# family, and _MORE_AUTO_CLASSES.
+_AUTO_CLASSES = ("AutoModel", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
+_MORE_AUTO_CLASSES = {
+    **dict.fromkeys(("llava", "llava_next", "llava_onevision", "idefics3", "mistral3"), ("AutoModelForPreTraining",)),
+    "gemma3": ("AutoModelForPreTraining", "AutoModelForCausalLM", "AutoModelForSequenceClassification"),
+}
+
+
+def auto_map(base_type: str) -> dict[str, str]:
+    """A ShortV checkpoint's ``auto_map``: its config class, and each Auto class the stock ``base_type`` loads with
+    -> the ShortV class in that role: the generation class (``AutoModel`` too: it loads a ShortV checkpoint as the
+    generation class), or the family's sequence classifier."""
+    family = SUPPORTED[base_type]
+    module, generation = family.modeling_file.removesuffix(".py"), family.model_cls.__name__
+    classifier = generation.replace("ForConditionalGeneration", "ForSequenceClassification")
+    classes = {"AutoConfig": f"configuration_shortv.{family.config_cls.__name__}"}
+    for auto in (*_AUTO_CLASSES, *_MORE_AUTO_CLASSES.get(base_type, ())):
+        classes[auto] = f"{module}.{classifier if auto == 'AutoModelForSequenceClassification' else generation}"
+    return classes
+
+
 def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any]:
     """The ``config.json`` of a ShortV checkpoint made from a base model's ``config.json`` dict."""
     base_type = base.get("model_type")
@@ -59,12 +81,7 @@ def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any
         base, model_type=family.model_type, shortv_layers=[int(i) for i in layers], shortv_transformers=tested_range()
     )
     config["architectures"] = [family.model_cls.__name__]
-    module = family.modeling_file.removesuffix(".py")
-    config["auto_map"] = {
-        "AutoConfig": f"configuration_shortv.{family.config_cls.__name__}",
-        "AutoModel": f"{module}.{family.model_cls.__name__}",
-        "AutoModelForImageTextToText": f"{module}.{family.model_cls.__name__}",
-    }
+    config["auto_map"] = auto_map(base_type)
     config.pop("_name_or_path", None)
     return config
 
