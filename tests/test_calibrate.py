@@ -1,4 +1,4 @@
-"""LC calibration (method.md section 2): exactness against brute force, cost, determinism, data, end to end."""
+"""LC calibration (docs/method.md section 2): exactness against brute force, cost, determinism, data, end to end."""
 
 from __future__ import annotations
 
