@@ -3,8 +3,17 @@ commands and the packages they need, checked against the code they describe."""
 
 from __future__ import annotations
 
+import ast
+import builtins
+import json
 import re
+import shlex
 from pathlib import Path
+
+from click.testing import CliRunner
+
+from shortv_export.cli import main
+from shortv_export.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -45,3 +54,60 @@ def test_every_method_md_reference_names_docs_method_md_and_a_section_it_has():
             assert path == "docs/method.md" and after.startswith("in the shortv-export repository"), rel
         elif rel not in PENDING:
             assert path == "docs/method.md", f"{rel} cites {path!r}, a file users do not have"
+
+
+def _quickstart_args() -> list[str]:
+    """The arguments of the README quickstart's shortv-export command."""
+    block = re.search(r"## Quickstart.*?```bash\n(.*?)```", README, re.S).group(1)
+    return shlex.split(block.split("&& shortv-export ", 1)[1])
+
+
+def test_the_quickstart_command_runs_again_on_its_own_output(tmp_path, monkeypatch):
+    """As written, twice in a row: the second run replaces the first run's folder (reusing its LC) instead of
+    stopping at 'already exists'. (--no-verify: the fresh-process check is tests/test_remote_code.py's.)"""
+    args = _quickstart_args()
+    assert args[0] == "examples/tiny-llava-easyvqa" and "--overwrite" in args
+    monkeypatch.chdir(tmp_path)
+    args = [str(ROOT / args[0]), *args[1:], "--no-verify", "-q"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    out = tmp_path / args[args.index("--out") + 1]
+    (out / "stale.txt").write_text("from the first run")
+    second = CliRunner().invoke(main, [*args[:-1]])  # not quiet: say where the LC came from
+    assert second.exit_code == 0, second.output
+    assert "reusing LC" in second.output and not (out / "stale.txt").exists()
+
+
+def test_the_readme_calibration_set_is_what_the_package_ships():
+    samples = [json.loads(line) for line in (ROOT / "shortv_export" / "calib" / "samples.jsonl").open()]
+    images = {s["image"] for s in samples}
+    assert len(samples) == 40 and len(images) == 20
+    assert len({i for i in images if i.endswith("_crop.jpg")}) == 10  # 10 photographs and a crop of each
+    licensed = (ROOT / "shortv_export" / "calib" / "LICENSES.md").read_text()
+    assert all(f"| {i} |" in licensed for i in images if not i.endswith("_crop.jpg"))
+    assert "40 prompts" in README and "over 20 images" in README and "real photographs" not in README
+
+
+def test_every_readme_python_snippet_defines_what_it_uses_but_the_image():
+    """Run top to bottom, the snippets need only ``image`` (a PIL image) from the reader; in particular the ONNX one
+    builds its ``prompt`` with the chat template (a bare question has no ``<image>`` placeholder)."""
+    defined: set[str] = set()
+    for code in re.findall(r"```python\n(.*?)```", README, re.S):
+        loaded, stored = set(), set()
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Name):
+                (loaded if isinstance(node.ctx, ast.Load) else stored).add(node.id)
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                stored |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        assert loaded - stored - defined - set(dir(builtins)) <= {"image"}, code
+        defined |= stored
+    onnx = next(c for c in re.findall(r"```python\n(.*?)```", README, re.S) if "ShortVOnnxModel" in c)
+    assert "apply_chat_template" in onnx
+
+
+def test_the_readme_names_the_families_whose_processors_need_torchvision():
+    paragraph = re.search(r"need torchvision in\s+transformers:(.*?)This tool does not need it", README, re.S)
+    named = set(re.findall(r"`(\w+)`", paragraph.group(1)))
+    assert named == {k for k, f in FAMILIES.items() if f.torchvision}
+    alone = re.search(r"((?:`\w+`(?:, | and ))+`\w+`) load with transformers alone", README).group(1)
+    assert set(re.findall(r"`(\w+)`", alone)) == {k for k, f in FAMILIES.items() if not f.torchvision}
