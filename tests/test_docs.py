@@ -111,3 +111,13 @@ def test_the_readme_names_the_families_whose_processors_need_torchvision():
     assert named == {k for k, f in FAMILIES.items() if f.torchvision}
     alone = re.search(r"((?:`\w+`(?:, | and ))+`\w+`) load with transformers alone", README).group(1)
     assert set(re.findall(r"`(\w+)`", alone)) == {k for k, f in FAMILIES.items() if not f.torchvision}
+
+
+def test_help_and_package_description_name_every_family_and_what_quiet_prints():
+    help_text = " ".join(CliRunner().invoke(main, ["--help"]).output.split())
+    first = help_text.split("Convert MODEL", 1)[1].split(".", 1)[0]
+    assert "llava" not in first.lower()  # not "a llava-hf Hub id": every family
+    assert all(f.display in help_text for f in FAMILIES.values())
+    assert "-q, --quiet Print only the result line" in help_text
+    description = re.search(r'^description = "(.*)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert "vision-language" in description and "Qwen" in description and "Gemma" in description
