@@ -8,6 +8,8 @@ import builtins
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -121,3 +123,22 @@ def test_help_and_package_description_name_every_family_and_what_quiet_prints():
     assert "-q, --quiet Print only the result line" in help_text
     description = re.search(r'^description = "(.*)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
     assert "vision-language" in description and "Qwen" in description and "Gemma" in description
+
+
+def test_make_tiny_llava_without_num2words_is_one_error_line(tmp_path):
+    """SmolVLM's processor imports num2words: without it, the script says so in one line (exit 2), no
+    traceback, and writes nothing."""
+    script = ROOT / "scripts" / "make_tiny_llava.py"
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['num2words'] = None  # as if not installed\n"
+        f"sys.argv = [{str(script)!r}, {str(tmp_path / 'smol')!r}, '--kind', 'smolvlm']\n"
+        f"runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    assert ran.stderr.strip().splitlines() == [
+        "Error: --kind smolvlm: its processor needs num2words: pip install num2words "
+        "(or pip install 'shortv-export[smolvlm]')"
+    ]
+    assert not (tmp_path / "smol").exists()
