@@ -38,6 +38,24 @@ def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+PUSH_ERRORS = [
+    ("no token", None, "no Hub token: set HF_TOKEN or run `hf auth login`"),
+    ("bad token", "hf_bad", "rejected the token (401)"),
+    ("read-only token", "hf_readonly", "may not write to this repo (403)"),
+    ("someone else's repo", "hf_good", "may not write to this repo (403)"),
+    ("network down", "hf_good", "could not reach the Hub"),
+    ("offline mode", "hf_good", "offline mode (HF_HUB_OFFLINE=1)"),
+    ("server error", "hf_good", "the Hub answered 500"),
+]
+# Every token these tests hand the tool: none may ever show in what it prints (the case's own token included).
+TOKENS = {token for _, token, _ in PUSH_ERRORS if token}
+
+
+def assert_no_token_in(text: str) -> None:
+    shown = sorted(token for token in TOKENS if token in text)
+    assert not shown, f"the output shows the token(s) {shown}"
+
+
 def test_push_end_to_end_then_a_rerun_uploads_nothing(hub, tmp_path):
     env = hub_env(hub, tmp_path)
     out = tmp_path / "tiny-shortv"
@@ -56,7 +74,7 @@ def test_push_end_to_end_then_a_rerun_uploads_nothing(hub, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "reusing LC" in again.stdout and "nothing to upload" in again.stdout
     assert (hub.commits_made, hub.uploaded_bytes) == (commits, uploaded)
-    assert "hf_good" not in first.stdout + first.stderr + again.stdout + again.stderr  # the token never shows
+    assert_no_token_in(first.stdout + first.stderr + again.stdout + again.stderr)  # the token never shows
 
 
 @pytest.mark.parametrize("kind", ["llava", "gemma3"])  # Gemma 3: another family, whose processor needs no torchvision
@@ -140,18 +158,7 @@ def _in_process_env(monkeypatch, hub, token):
         monkeypatch.setenv("HF_TOKEN", token)
 
 
-@pytest.mark.parametrize(
-    "case, token, message",
-    [
-        ("no token", None, "no Hub token: set HF_TOKEN or run `hf auth login`"),
-        ("bad token", "hf_bad", "rejected the token (401)"),
-        ("read-only token", "hf_readonly", "may not write to this repo (403)"),
-        ("someone else's repo", "hf_good", "may not write to this repo (403)"),
-        ("network down", "hf_good", "could not reach the Hub"),
-        ("offline mode", "hf_good", "offline mode (HF_HUB_OFFLINE=1)"),
-        ("server error", "hf_good", "the Hub answered 500"),
-    ],
-)
+@pytest.mark.parametrize("case, token, message", PUSH_ERRORS)
 def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, case, token, message):
     from huggingface_hub import constants
 
@@ -182,7 +189,7 @@ def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, c
     assert f"{out} is complete and intact; retry with: hf upload {repo_id} {out} ." in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
-    assert "hf_good" not in result.output + result.stderr
+    assert_no_token_in(result.output + result.stderr)
 
 
 def test_push_honours_hf_hub_offline_set_after_import(hub, tmp_path, monkeypatch):
