@@ -7,9 +7,9 @@
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python scripts/bench_prefill.py
 
 The decoder has the real hidden/MLP/head sizes and is built directly on the device in the target dtype (a
-full-depth 13B takes seconds on a GPU). At full depth the frozen layers are the published lists (method.md); at
-reduced depth the late round(depth * N/L) layers. Each prompt row is 5 + 59 text tokens around the shape's
-visual tokens (576 per image; LLaVA-NeXT shapes: 5 images, 2880 tokens), through a token-sized vision tower, so
+full-depth 13B takes seconds on a GPU). At full depth the frozen layers are the published lists (docs/method.md
+section 3); at reduced depth the late round(depth * N/L) layers. Each prompt row is 5 + 59 text tokens around the
+shape's visual tokens (576 per image; LLaVA-NeXT shapes: 5 images, 2880 tokens), through a token-sized vision tower, so
 the timing is the decoder's. Vanilla is the same model with no frozen layers (the stock code path). The launch
 shape is LLaVA-1.5-13B's 40 layers and published list at a negligible width: its time is what the CPU spends issuing
 a prefill, which a launch-bound GPU prefill at batch 1 waits on. The last line caps the instruction set to AVX2 (an

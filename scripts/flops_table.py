@@ -1,4 +1,4 @@
-"""The README's prefill FLOPs tables: vanilla vs ShortV with the published layer lists (method.md section 4),
+"""The README's prefill FLOPs tables: vanilla vs ShortV with the published layer lists (docs/method.md section 4),
 and for the other supported families at N = 60% of the layers (the paper's share).
 
 python scripts/flops_table.py [--text-tokens 64]

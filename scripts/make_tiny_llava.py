@@ -9,7 +9,10 @@ mistral3.
 """
 
 import argparse
+import importlib.util
+import sys
 
+from shortv_export.families import FAMILIES
 from shortv_export.tiny import NEW_FAMILIES, TEXT_KINDS, save_tiny
 
 if __name__ == "__main__":
@@ -20,6 +23,15 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=12, help="decoder layers")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    missing = [m for m in FAMILIES[args.kind].processor_needs if importlib.util.find_spec(m) is None]
+    if missing:  # the family's processor imports them: say so in one line rather than a traceback
+        extra = f" (or pip install 'shortv-export[{args.kind}]')" if args.kind == "smolvlm" else ""
+        print(
+            f"Error: --kind {args.kind}: its processor needs {', '.join(missing)}: pip install "
+            f"{' '.join(missing)}{extra}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     text = args.text or ("llama" if args.kind in ("llava", "llava_next") else None)
     path = save_tiny(args.out, args.kind, num_layers=args.layers, seed=args.seed, text=text)
     print(f"wrote {path}")

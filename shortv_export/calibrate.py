@@ -1,4 +1,4 @@
-"""Stage 2, calibrate: Layer Contribution (LC) of every decoder layer (method.md section 2).
+"""Stage 2, calibrate: Layer Contribution (LC) of every decoder layer (docs/method.md section 2).
 
 LC_l = mean over samples of KL(P_l || P_orig) at the last prompt position, full vocabulary, fp32, where P_l is
 the next-token distribution with only layer l freezing the chosen rows (visual, or text for the contrast).

@@ -98,9 +98,19 @@ CAL, EXPORT = CalibrationOptions(), ExportOptions()  # the defaults, as the Pyth
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--commit-message", help="Commit message for --push.")
 @click.option("--dry-run", is_flag=True, help="Print the plan, the FLOPs ratio and the files; write nothing.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars; print only the result.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Print only the result line (wrote OUT; pushed: URL), warnings and errors: no progress bars or stage "
+    "messages (with --dry-run, nothing).",
+)
 def main(model, **options):
-    """Convert MODEL (a llava-hf Hub id or a local folder) into a standalone ShortV checkpoint."""
+    """Convert MODEL (a Hub id or a local folder of a supported vision-language family) into a ShortV checkpoint.
+
+    Families: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics3, SmolVLM, Gemma 3,
+    Mistral 3.
+    """
     try:
         run(model, **options)
     except ShortVError as err:

@@ -1,4 +1,4 @@
-"""Prefill FLOPs of the decoder layers, vanilla and ShortV (method.md section 4).
+"""Prefill FLOPs of the decoder layers, vanilla and ShortV (docs/method.md section 4).
 
 2 FLOPs per multiply-add, decoder layers only (no vision tower, embeddings, norms or lm_head): the Q, K, V, O
 projections (K/V sized by the KV heads), attention scores and the weighted sum (every query against every

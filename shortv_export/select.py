@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import ShortVError
 
-# Paper Table 8 / reference README (method.md section 3), lowest LC first.
+# Paper Table 8 / reference README (docs/method.md section 3), lowest LC first.
 PAPER_LAYERS: dict[str, list[int]] = {
     "llava-hf/llava-1.5-7b-hf": [31, 29, 30, 28, 0, 26, 27, 25, 24, 22, 23, 21, 2, 3, 20, 18, 17, 12, 19],
     "llava-hf/llava-1.5-13b-hf": [

@@ -1,4 +1,4 @@
-"""The independent ShortV oracle of method.md section 1: the *stock* model, with each frozen layer run
+"""The independent ShortV oracle of docs/method.md section 1: the *stock* model, with each frozen layer run
 densely and its visual rows then reset to the layer's input. Visual rows are the prefill positions whose
 input id is the image token (given ``inputs_embeds``, those holding the image token's embedding, which is how
 stock LLaVA places image features); decode steps carry no image token and so run unchanged."""

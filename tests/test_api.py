@@ -71,14 +71,17 @@ def test_version():
     assert shortv_export.__version__[0].isdigit() and shortv_export.__version__ != "0+unknown"
 
 
-def test_dry_run_without_layers_prints_the_flops_ratio_and_the_files(tmp_path):
+def test_dry_run_without_layers_prints_the_flops_ratio_and_the_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --out, ./<model>-shortv-n<N>, would be written
     result = CliRunner().invoke(main, [str(tiny_dir("llava")), "--dry-run", "--samples", "4"])
     assert result.exit_code == 0, result.output
     assert "would calibrate LC on 4 samples of the embedded set" in result.output
     assert "ratio 0." in result.output and "(calibration set mean)" in result.output
     for name in ("config.json", "lc.json", "README.md", "model.safetensors"):
         assert name in result.output
-    assert not any(p.name.endswith("shortv-n4") for p in tmp_path.iterdir())
+    out = f"{tiny_dir('llava').name}-shortv-n4"  # 60% of 6 layers
+    assert f"would write {out}/:" in result.output
+    assert list(tmp_path.iterdir()) == []  # neither that folder nor anything else
 
 
 def test_dry_run_with_onnx_says_what_is_missing(monkeypatch):

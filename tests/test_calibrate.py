@@ -1,4 +1,4 @@
-"""LC calibration (method.md section 2): exactness against brute force, cost, determinism, data, end to end."""
+"""LC calibration (docs/method.md section 2): exactness against brute force, cost, determinism, data, end to end."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from shortv_export.errors import ShortVError
 from shortv_export.load import resolve_model
 from shortv_export.models import text_model, visual_token_ids
 from shortv_export.numerics import kl
+from shortv_export.select import PAPER_LAYERS
 from shortv_export.tiny import FAMILIES, NEW_FAMILIES
 
 LAYERS = 12
@@ -106,6 +107,24 @@ def test_batching_changes_lc_by_less_than_1e4_relative():
     one = calibrate(model, processor, calib, batch_size=1, progress=False)
     six = calibrate(model, processor, calib, batch_size=6, progress=False)
     assert close(six.visual, one.visual)
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2_vl", "gemma3"])
+def test_the_last_layers_visual_lc_is_exactly_zero(kind):
+    """docs/method.md section 2: the last prompt position is text, so freezing visual rows in the last layer leaves
+    the next-token distribution exactly as it was (it always ranks first: the published lists start with it);
+    freezing the text rows there does change it."""
+    model, processor = model_and_processor(kind, "fp32")
+    lc = calibrate(
+        model, processor, load_calibration(None, samples=4, seed=2), modality="both", batch_size=2, progress=False
+    )
+    assert lc.visual[-1] == 0.0 and lc.order[0] == LAYERS - 1
+    assert lc.text[-1] > 1e-6
+
+
+def test_the_published_lists_start_with_the_last_layer():
+    for repo, layers in PAPER_LAYERS.items():
+        assert layers[0] == (39 if "13b" in repo else 31), repo
 
 
 def test_every_prompt_stays_with_its_own_image(tmp_path):

@@ -35,6 +35,11 @@ def digest(folder: Path) -> dict[str, str]:
     }
 
 
+def entries(folder: Path) -> list[str]:
+    """What a folder holds, hidden entries included: nothing may be left beside the output."""
+    return sorted(p.name for p in folder.iterdir())
+
+
 def copy_of(kind: str, tmp_path: Path, name: str | None = None) -> Path:
     dest = tmp_path / (name or f"base-{kind}")
     shutil.copytree(tiny_dir(kind), dest)
@@ -79,7 +84,7 @@ def test_output_folder_holds_config_code_and_unchanged_weights(kind, tmp_path):
     assert (out / "model.safetensors").stat().st_ino == (base / "model.safetensors").stat().st_ino  # hard link
     assert (out / "README.md").read_text().startswith("---\n")
     assert not [p for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert entries(tmp_path) == [f"base-{kind}", "out"]  # nothing else left beside it
     assert digest(base) == before
 
 
@@ -135,7 +140,55 @@ def test_default_output_name_and_overwrite(tmp_path, monkeypatch):
     assert refused.exit_code == 2 and (out / "stale.txt").exists()
     assert cli(base, "--layers", "5,2", "--overwrite", "-q").exit_code == 0
     assert not (out / "stale.txt").exists() and (out / "config.json").exists()
-    assert not list(tmp_path.glob(".my-llava-shortv-n2.partial-*"))
+    assert entries(tmp_path) == ["my-llava", "my-llava-shortv-n2"]
+
+
+def test_overwrite_into_a_missing_folder_just_writes_it_and_quiet_prints_only_the_result(tmp_path):
+    base = copy_of("llava", tmp_path)
+    out = tmp_path / "new" / "out"
+    result = cli(base, "--layers", "3,1", "--out", out, "--overwrite", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"wrote {out}\n" and result.stderr == ""
+    assert json.loads((out / "config.json").read_text())["shortv_layers"] == [3, 1]
+
+
+def _fail_the_write(monkeypatch):
+    import shortv_export.write as write
+
+    def disk_full(src, dest):  # the weights come last: the new folder is nearly complete
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(write, "_link_or_copy", disk_full)
+    return []
+
+
+def _fail_the_onnx_export(monkeypatch):
+    import shortv_export.pipeline as pipeline
+
+    def mismatch(folder, *args):  # after every file of the new folder is written
+        assert (folder / "model.safetensors").exists()
+        raise pipeline.ShortVError("ONNX Runtime differs from PyTorch past the tolerance")
+
+    monkeypatch.setattr(pipeline, "_missing_onnx_modules", lambda: [])
+    monkeypatch.setattr(pipeline, "_export", mismatch)
+    return ["--onnx"]
+
+
+@pytest.mark.parametrize("failure", [_fail_the_write, _fail_the_onnx_export], ids=["write", "onnx export"])
+def test_a_failed_overwrite_leaves_the_old_folder_intact(failure, tmp_path, monkeypatch):
+    """--overwrite replaces the old folder only once the new one is complete: a run that fails midway (the write,
+    or the ONNX export inside it) leaves the old folder byte for byte as it was, and nothing beside it."""
+    base, out = copy_of("llava", tmp_path), tmp_path / "out"
+    assert cli(base, "--layers", "4,1", "--out", out, "-q").exit_code == 0
+    (out / "notes.txt").write_text("the user's own file, in the old folder")
+    before = digest(out)
+    extra = failure(monkeypatch)
+    result = CliRunner().invoke(
+        main, [str(base), "--layers", "2", "--out", str(out), "--overwrite", "--no-verify", *extra]
+    )
+    assert result.exit_code != 0, result.output
+    assert digest(out) == before
+    assert entries(tmp_path) == ["base-llava", "out"]
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path):
@@ -264,8 +317,7 @@ def test_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
     base = copy_of("llava", tmp_path)
     result = CliRunner().invoke(main, [str(base), "--layers", "1", "--out", str(tmp_path / "out"), "-q", "--no-verify"])
     assert calls and result.exit_code == 130
-    assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert entries(tmp_path) == ["base-llava"]  # no output folder, and nothing half-written beside it
 
 
 _SLOW_WRITER = """
@@ -293,13 +345,13 @@ def test_killed_run_leaves_no_output_folder(sig, tmp_path):
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert marker.exists(), "the writer never started"
-    assert list(tmp_path.glob(".out.partial-*"))  # it was writing
+    assert not out.exists()  # it is writing the weights, and no output folder has appeared
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert not out.exists()
     if sig == signal.SIGTERM:  # cleaned up on the way out
-        assert not list(tmp_path.glob(".out.partial-*"))
+        assert entries(tmp_path) == ["base-llava", "writing"]
     # a later run completes, and removes what a SIGKILLed run left behind
     assert cli(base, "--layers", "1", "--out", out, "-q").exit_code == 0
-    assert not list(tmp_path.glob(".out.partial-*"))
+    assert entries(tmp_path) == ["base-llava", "out", "writing"]
     assert json.loads((out / "config.json").read_text())["shortv_layers"] == [1]

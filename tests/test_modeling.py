@@ -1,4 +1,4 @@
-"""The ShortV model class against stock LLaVA and against the oracle (method.md section 1)."""
+"""The ShortV model class against stock LLaVA and against the oracle (docs/method.md section 1)."""
 
 from __future__ import annotations
 

@@ -38,6 +38,29 @@ def folder_files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+# What a push can only find out when it uploads (the folder is written by then, and kept), and what it checks before
+# the conversion starts (nothing is written).
+UPLOAD_ERRORS = [
+    ("read-only token", "hf_readonly", "may not write to this repo (403)"),
+    ("someone else's repo", "hf_good", "may not write to this repo (403)"),
+    ("server error", "hf_good", "the Hub answered 500"),
+]
+EARLY_ERRORS = [
+    ("no token", None, "no Hub token: set HF_TOKEN or run `hf auth login`"),
+    ("bad token", "hf_bad", "rejected the token (401)"),
+    ("network down", "hf_good", "could not reach the Hub"),
+    ("offline mode", "hf_good", "offline mode (HF_HUB_OFFLINE=1)"),
+]
+PUSH_ERRORS = UPLOAD_ERRORS + EARLY_ERRORS
+# Every token these tests hand the tool: none may ever show in what it prints (the case's own token included).
+TOKENS = {token for _, token, _ in PUSH_ERRORS if token}
+
+
+def assert_no_token_in(text: str) -> None:
+    shown = sorted(token for token in TOKENS if token in text)
+    assert not shown, f"the output shows the token(s) {shown}"
+
+
 def test_push_end_to_end_then_a_rerun_uploads_nothing(hub, tmp_path):
     env = hub_env(hub, tmp_path)
     out = tmp_path / "tiny-shortv"
@@ -56,7 +79,7 @@ def test_push_end_to_end_then_a_rerun_uploads_nothing(hub, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "reusing LC" in again.stdout and "nothing to upload" in again.stdout
     assert (hub.commits_made, hub.uploaded_bytes) == (commits, uploaded)
-    assert "hf_good" not in first.stdout + first.stderr + again.stdout + again.stderr  # the token never shows
+    assert_no_token_in(first.stdout + first.stderr + again.stdout + again.stderr)  # the token never shows
 
 
 @pytest.mark.parametrize("kind", ["llava", "gemma3"])  # Gemma 3: another family, whose processor needs no torchvision
@@ -140,22 +163,7 @@ def _in_process_env(monkeypatch, hub, token):
         monkeypatch.setenv("HF_TOKEN", token)
 
 
-# What a push can only find out when it uploads (the folder is written by then, and kept), and what it checks before
-# the conversion starts (nothing is written).
-UPLOAD_ERRORS = [
-    ("read-only token", "hf_readonly", "may not write to this repo (403)"),
-    ("someone else's repo", "hf_good", "may not write to this repo (403)"),
-    ("server error", "hf_good", "the Hub answered 500"),
-]
-EARLY_ERRORS = [
-    ("no token", None, "no Hub token: set HF_TOKEN or run `hf auth login`"),
-    ("bad token", "hf_bad", "rejected the token (401)"),
-    ("network down", "hf_good", "could not reach the Hub"),
-    ("offline mode", "hf_good", "offline mode (HF_HUB_OFFLINE=1)"),
-]
-
-
-@pytest.mark.parametrize("case, token, message", UPLOAD_ERRORS + EARLY_ERRORS)
+@pytest.mark.parametrize("case, token, message", PUSH_ERRORS)
 def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, case, token, message):
     from huggingface_hub import constants
 
@@ -188,7 +196,7 @@ def test_push_errors_are_clear_and_keep_the_folder(hub, tmp_path, monkeypatch, c
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "hf_good" not in result.output + result.stderr
+    assert_no_token_in(result.output + result.stderr)
     if case in [c for c, _, _ in EARLY_ERRORS]:
         assert result.stderr.strip().endswith("Nothing was written: fix this and run the command again")
         assert not out.exists() and hub.commits_made == 0

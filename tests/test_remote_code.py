@@ -14,12 +14,18 @@ from conftest import batch, image, tiny_dir
 from transformers import AutoProcessor
 
 from shortv_export.cli import main
+from shortv_export.families import FAMILIES
 from shortv_export.models import load_shortv
+
+# The families whose stock processors load without torchvision (families.py): their converted folders must load
+# and run with transformers alone. (The others need `pip install torchvision` for AutoProcessor, as the README says.)
+WITHOUT_TORCHVISION = [kind for kind, family in FAMILIES.items() if not family.torchvision]
 
 USER_SCRIPT = r"""
 import json, sys
 sys.modules["shortv_export"] = None  # neither this project's package nor its modeling/ may be imported
 sys.modules["modeling"] = None
+sys.modules["torchvision"] = None  # transformers alone: these families' processors must not need it
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -52,8 +58,14 @@ print("REPORT" + json.dumps(report))
 """
 
 
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_the_families_without_torchvision_are_the_four_the_readme_names():
+    assert WITHOUT_TORCHVISION == ["llava", "llava_next", "idefics3", "gemma3"]
+
+
+@pytest.mark.parametrize("kind", WITHOUT_TORCHVISION)
 def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, tmp_path):
+    """AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor and pipeline("image-text-to-text") on the
+    converted folder, in a fresh process that can import neither this project nor torchvision."""
     out = tmp_path / "shortv"
     assert (
         CliRunner()
@@ -73,17 +85,17 @@ def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT", 1)[1])
-    cls = "ShortVLlavaForConditionalGeneration" if kind == "llava" else "ShortVLlavaNextForConditionalGeneration"
+    cls = FAMILIES[kind].model_class
     assert report["config"][1] == [4, 1, 3]
     assert report["auto_model"] == [cls, [], []]
     assert report["image_text_to_text"] == cls
     assert report["pipeline_model"] == cls
-    assert report["processor"] in ("LlavaProcessor", "LlavaNextProcessor")
+    processor = AutoProcessor.from_pretrained(tiny_dir(kind))
+    assert report["processor"] == type(processor).__name__
     assert isinstance(report["pipeline"], str) and report["pipeline"].strip()
     assert report["generate"] == report["generate_eager"]
 
     # the fresh process computed exactly what the in-process ShortV model computes
-    processor = AutoProcessor.from_pretrained(tiny_dir(kind))
     inputs = batch(processor, [("what is this ?", [image(50, 40, 0)])])
     reference = load_shortv(tiny_dir(kind), [4, 1, 3]).eval()
     with torch.no_grad():
