@@ -103,7 +103,7 @@ CAL, EXPORT = CalibrationOptions(), ExportOptions()  # the defaults, as the Pyth
     "-q",
     is_flag=True,
     help="Print only the result line (wrote OUT; pushed: URL), warnings and errors: no progress bars or stage "
-    "messages (with --dry-run, nothing).",
+    "messages (with --dry-run, the files it would write).",
 )
 def main(model, **options):
     """Convert MODEL (a Hub id or a local folder of a supported vision-language family) into a ShortV checkpoint.
@@ -137,13 +137,13 @@ def run(model: str, *, quiet: bool, layers_spec: str | None, **options) -> None:
     result = convert(model, layers=layers_spec, calibration=calibration, progress=not quiet, log=say, **options)
     for warning in result.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    if result.dry_run:
-        say(f"would write {result.out}/:")
+    if result.dry_run:  # its result is the plan: the files, printed even with -q
+        click.echo(f"would write {result.out}/:")
         for f in result.files:
             size = f"{f.size:,} B" if f.size is not None else "-"
-            say(f"  {f.name:<40} {size:>16}  {f.how}")
+            click.echo(f"  {f.name:<40} {size:>16}  {f.how}")
         if options["onnx"]:
-            say(f"  {'onnx/':<40} {'-':>16}  export ({options['onnx_dtype']})")
+            click.echo(f"  {'onnx/':<40} {'-':>16}  export ({options['onnx_dtype']})")
         return
     if quiet:
         click.echo(f"wrote {result.out}")

@@ -137,6 +137,7 @@ def load_processor(path: str | Path):
     from transformers import AutoProcessor
     from transformers.utils import logging
 
+    _check_processor_packages(Path(path))
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # a ShortV folder's model type is not the processor's: a warning about nothing
     try:  # a stock processor class, never code from the folder (a ShortV folder's code is the model's only)
@@ -150,6 +151,19 @@ def load_processor(path: str | Path):
         raise ShortVError(f"the processor in {path} does not load: {one_line(err)}") from None
     finally:
         logging.set_verbosity(level)
+
+
+def _check_processor_packages(path: Path) -> None:
+    """The Python packages the family's processor imports (``Family.processor_needs``), named before it fails
+    for want of them in a less telling way."""
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return
+    family = FAMILIES.get(str(model_type).removeprefix("shortv_"))
+    missing = [p for p in (family.processor_needs if family else ()) if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ShortVError(f"{family.display}'s processor needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
 def image_only_processor(path: str | Path, name: str | None = None):

@@ -24,9 +24,8 @@ METHOD = ROOT / "docs" / "method.md"
 # "method.md", as a path ("docs/method.md"), a Markdown link ("[docs/method.md](docs/method.md)") or bare, and the
 # section it names, if any
 REFERENCE = re.compile(r"([\w./-]*method\.md)(?:\]\([^)]*\))?(?:\s+section\s+(\d+))?")
-# Files whose reference another branch is rewording (this branch may not edit them): a bare "method.md" is allowed
-# there until it says "docs/method.md"; the section must resolve either way.
-PENDING: set[str] = set()  # files allowed to cite method.md without its docs/ folder
+# Files allowed to cite a bare "method.md" (none today); the section must resolve either way.
+PENDING: set[str] = set()
 
 
 def _references() -> list[tuple[str, str, str | None, str]]:

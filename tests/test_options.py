@@ -40,3 +40,29 @@ def test_threads_sets_the_cpu_threads_of_the_run(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_quiet_dry_run_prints_the_files_it_would_write():
+    result = _run("--layers", "1", "--dry-run", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("would write ") and any("model.safetensors" in line for line in lines)
+    assert not any(line.startswith("frozen for visual tokens") for line in lines)
+
+
+def test_a_processor_package_that_is_missing_is_named(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+
+    import pytest
+
+    from shortv_export.errors import ShortVError
+    from shortv_export.load import load_processor
+
+    folder = tmp_path / "smol"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "shortv_smolvlm"}))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "num2words" else real(name, *a))
+    with pytest.raises(ShortVError, match="SmolVLM's processor needs num2words: pip install num2words"):
+        load_processor(folder)
