@@ -69,6 +69,7 @@ def processor_for(folder: Path):
     return load_processor(folder)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """Under pytest -n --dist loadgroup, the ONNX tests that share one export (test_onnx.py's ``exported``, cached
     per worker) run on one worker, so no model is exported twice."""

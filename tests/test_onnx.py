@@ -27,9 +27,10 @@ FROZEN = [4, 1, 3]
 _DIRS = {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """(checkpoint folder with onnx/, in-process ShortV model) per kind, exported once per module."""
+    """(checkpoint folder with onnx/, in-process ShortV model) per kind, exported once per session (per xdist
+    worker: a module-scoped fixture would be rebuilt each time the worker comes back to this file)."""
 
     @cache
     def make(kind: str, dtype: str = "fp32", text: str = "llama"):
@@ -43,7 +44,8 @@ def exported(tmp_path_factory):
         model = load_shortv(source, FROZEN, attn_implementation="sdpa").eval()
         return out, model, report
 
-    return make
+    # one cache key however a test names the defaults: exported("llava") is exported("llava", text="llama")
+    return lambda kind, dtype="fp32", text="llama": make(kind, dtype, text)
 
 
 def _rows(kind):
