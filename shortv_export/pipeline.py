@@ -186,10 +186,11 @@ def convert(
     the card names when ``model`` is a local folder. ``log`` receives one line per step (default: print when
     ``progress``). Raises ShortVError on anything the user can fix; nothing is left half-written.
     """
-    export, publish = ExportOptions(onnx, onnx_dtype, onnx_quantize), PushOptions(push, repo_id, private, revision)
-    publish = replace(publish, create_pr=create_pr, commit_message=commit_message)
-    options = ConvertOptions(n, layers, target_flops, out, overwrite, export, verify, publish)
-    options = replace(options, model_revision=model_revision, base_model=base_model, dry_run=dry_run, progress=progress)
+    export = ExportOptions(onnx, onnx_dtype, onnx_quantize)
+    publish = PushOptions(push, repo_id, private, revision, create_pr, commit_message)
+    options = ConvertOptions(  # positional, in field order: each dataclass is made (and checked) once
+        n, layers, target_flops, out, overwrite, export, verify, publish, model_revision, base_model, dry_run, progress
+    )
     calibration = calibration or CalibrationOptions()
     say = log or (print if progress else _silent)
     warnings = _check_environment(options, calibration)
