@@ -210,8 +210,3 @@ def family(model_type: str) -> Family:
 def onnx_families() -> tuple[str, ...]:
     """The base model_types ``--onnx`` exports."""
     return tuple(k for k, f in FAMILIES.items() if f.onnx is not None)
-
-
-def by_shortv_type(shortv_model_type: str) -> Family | None:
-    """The row of a ShortV checkpoint's ``model_type`` (``shortv_llava`` -> llava), or None."""
-    return FAMILIES.get(shortv_model_type.removeprefix("shortv_")) if shortv_model_type.startswith("shortv_") else None
