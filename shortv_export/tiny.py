@@ -15,6 +15,7 @@ format) and is saved with ``save_pretrained``, so it exercises the same loading 
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,14 +294,16 @@ def _qwen_vision(kind: str, hidden: int) -> dict:
 
 
 def _qwen_vl_processor(kind: str, tokenizer):
-    image_processor = _image_processor(
-        "Qwen2VLImageProcessor",
+    settings = dict(
         size={"shortest_edge": 4 * 14 * 14, "longest_edge": 16 * 14 * 14},
         patch_size=7,
         merge_size=2,
         temporal_patch_size=2,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],  # Qwen2VLImageProcessor's; Qwen3-VL's video processor
+        image_std=[0.26862954, 0.26130258, 0.27577711],  # has others
     )
-    return _processor(kind, image_processor, tokenizer, _QWEN_TEMPLATE)
+    image_processor = _image_processor("Qwen2VLImageProcessor", **settings)
+    return _processor(kind, image_processor, tokenizer, _QWEN_TEMPLATE, video=settings)
 
 
 # LLaVA-OneVision: SigLIP, anyres-max tiles, Qwen2.
@@ -328,18 +331,14 @@ def _onevision_config(kind: str, tokenizer, text: dict) -> dict:
 
 
 def _onevision_processor(kind: str, tokenizer):
-    image_processor = _image_processor(
-        "LlavaOnevisionImageProcessor",
-        size={"height": 28, "width": 28},
-        image_grid_pinpoints=_pinpoints(28),
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-    )
+    settings = dict(size={"height": 28, "width": 28}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    image_processor = _image_processor("LlavaOnevisionImageProcessor", image_grid_pinpoints=_pinpoints(28), **settings)
     return _processor(
         kind,
         image_processor,
         tokenizer,
         _ONEVISION_TEMPLATE,
+        video=settings,
         num_image_tokens=16,
         vision_feature_select_strategy="full",
         image_token="<image>",
@@ -373,15 +372,14 @@ def _idefics3_config(kind: str, tokenizer, text: dict) -> dict:
 
 
 def _idefics3_processor(kind: str, tokenizer):
-    image_processor = _image_processor(
-        f"{_RECIPES[kind].stem}ImageProcessor",
+    settings = dict(
         size={"longest_edge": 56},
         max_image_size={"longest_edge": 28},
-        do_image_splitting=True,
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    return _processor(kind, image_processor, tokenizer, _IDEFICS3_TEMPLATE, image_seq_len=4)
+    image_processor = _image_processor(f"{_RECIPES[kind].stem}ImageProcessor", do_image_splitting=True, **settings)
+    return _processor(kind, image_processor, tokenizer, _IDEFICS3_TEMPLATE, video=settings, image_seq_len=4)
 
 
 # Gemma 3: SigLIP, sliding and global layers mixed (a 6-token window, shorter than every prompt).
@@ -538,18 +536,56 @@ def _image_processor(name: str, **kwargs):
     return _stock(name)(**kwargs)
 
 
-def _processor(kind: str, image_processor, tokenizer, chat_template: str, **settings):
-    """The family's processor ({stem}Processor). Without torchvision, one that has a video processor
-    (``families.Family.video_processor``) is the same class without it (see ``load.image_only_processor``),
-    which saves the same files."""
+def _processor(kind: str, image_processor, tokenizer, chat_template: str, video: dict | None = None, **settings):
+    """The family's processor ({stem}Processor), its video processor (if it has one) made with the ``video``
+    settings. Without torchvision, which video processors import, the same class without it (see
+    ``load.image_only_processor``), whose ``save_pretrained`` also writes the video processor's file as the stock
+    processor would (``_video_processor_file``), so the folder is complete either way."""
     name = f"{_RECIPES[kind].stem}Processor"
-    if _has_torchvision() or not families.family(kind).video_processor:
+    if not families.family(kind).video_processor:
         return _stock(name)(
             image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings
         )
+    if _has_torchvision():
+        return _stock(name)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=_stock(_video_processor_name(kind))(**(video or {})),
+            chat_template=chat_template,
+            **settings,
+        )
     from .load import image_only_processor_class
 
-    return image_only_processor_class(name)(image_processor, tokenizer, chat_template=chat_template, **settings)
+    processor = image_only_processor_class(name)(image_processor, tokenizer, chat_template=chat_template, **settings)
+    processor.save_pretrained = _with_video_processor(processor.save_pretrained, kind)
+    return processor
+
+
+def _video_processor_name(kind: str) -> str:
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    name = VIDEO_PROCESSOR_MAPPING_NAMES[kind]  # {"torchvision": name} since 5.x, a name before
+    return name["torchvision"] if isinstance(name, dict) else name
+
+
+# What the stock video processor of each tiny family saves (the "video_processor" entry of processor_config.json),
+# recorded on a machine with torchvision by scripts/record_tiny_video_processors.py (tests/test_tiny.py checks it
+# is current where torchvision is installed).
+VIDEO_PROCESSORS = Path(__file__).with_name("tiny_video_processors.json")
+
+
+def _with_video_processor(save_pretrained, kind: str):
+    """``save_pretrained`` that adds the video processor entry to processor_config.json, as the stock one does."""
+
+    def save(path, *args, **kwargs):
+        out = save_pretrained(path, *args, **kwargs)
+        file = Path(path) / "processor_config.json"
+        config = json.loads(file.read_text())
+        config["video_processor"] = json.loads(VIDEO_PROCESSORS.read_text())[kind]
+        file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return out
+
+    return save
 
 
 class PixtralFiles:
@@ -565,12 +601,11 @@ class PixtralFiles:
         )
 
     def save_pretrained(self, path):
-        import json
-
         path = Path(path)
+        self.tokenizer._set_processor_class("PixtralProcessor")  # as ProcessorMixin.save_pretrained does
         self.tokenizer.save_pretrained(path)
         image = self.image_processor.to_dict()
         image["image_processor_type"] = "PixtralImageProcessor"
         config = {"processor_class": "PixtralProcessor", "image_processor": image, **self.settings}
-        (path / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (path / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (path / "chat_template.jinja").write_text(self.chat_template)

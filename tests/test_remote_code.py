@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,7 +26,8 @@ USER_SCRIPT = r"""
 import json, sys
 sys.modules["shortv_export"] = None  # neither this project's package nor its modeling/ may be imported
 sys.modules["modeling"] = None
-sys.modules["torchvision"] = None  # transformers alone: these families' processors must not need it
+if sys.argv[2] == "alone":
+    sys.modules["torchvision"] = None  # transformers alone: these families' processors must not need it
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
@@ -62,10 +64,55 @@ def test_the_families_without_torchvision_are_the_four_the_readme_names():
     assert WITHOUT_TORCHVISION == ["llava", "llava_next", "idefics3", "gemma3"]
 
 
-@pytest.mark.parametrize("kind", WITHOUT_TORCHVISION)
+@pytest.mark.parametrize("kind", [k for k, f in FAMILIES.items() if f.video_processor])
+def test_tiny_folders_save_the_video_processor_the_stock_processor_saves(kind):
+    """Built without torchvision, a tiny folder still holds its processor's video processor (AutoProcessor on a
+    machine with torchvision needs it), made with the image processor's settings."""
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    from shortv_export.tiny import VIDEO_PROCESSORS
+
+    config = json.loads((tiny_dir(kind) / "processor_config.json").read_text())
+    video, images = config["video_processor"], config["image_processor"]
+    assert video == json.loads(VIDEO_PROCESSORS.read_text())[kind]
+    name = VIDEO_PROCESSOR_MAPPING_NAMES[kind]  # {"torchvision": name}, the name None where torchvision is missing
+    name = name.get("torchvision") if isinstance(name, dict) else name
+    if name:
+        assert video["video_processor_type"] == name
+    assert video["video_processor_type"].endswith("VideoProcessor")
+    shared = {"size", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std", "max_image_size"}
+    assert {k: video[k] for k in shared & video.keys()} == {k: images[k] for k in shared & video.keys()}
+    assert shared & video.keys() >= {"size", "image_mean", "image_std"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None, reason="needs torchvision")
+def test_the_recorded_video_processors_are_what_the_stock_processors_save(tmp_path):
+    """Where torchvision is installed: every family's processor files, built with the stock video processors,
+    are byte for byte the files a machine without torchvision saves (scripts/record_tiny_video_processors.py)."""
+    for name, prelude in (("stock", ""), ("alone", "import sys; sys.modules['torchvision'] = None\n")):
+        subprocess.run([sys.executable, "-c", prelude + TINY_FILES, str(tmp_path / name)], check=True, timeout=600)
+    stock = {p.relative_to(tmp_path / "stock"): p.read_bytes() for p in (tmp_path / "stock").rglob("*") if p.is_file()}
+    alone = {p.relative_to(tmp_path / "alone"): p.read_bytes() for p in (tmp_path / "alone").rglob("*") if p.is_file()}
+    assert len(stock) >= 4 * len(FAMILIES) and stock == alone
+
+
+TINY_FILES = """
+import sys
+from pathlib import Path
+from shortv_export import families, tiny
+for kind in families.FAMILIES:
+    build = tiny.build_family if kind in tiny.NEW_FAMILIES else tiny.build_tiny
+    build(kind)[1].save_pretrained(Path(sys.argv[1]) / kind)
+"""
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, tmp_path):
     """AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor and pipeline("image-text-to-text") on the
-    converted folder, in a fresh process that can import neither this project nor torchvision."""
+    converted folder, in a fresh process that cannot import this project, nor torchvision for the families that
+    do not need it (the others run only where torchvision is installed)."""
+    if FAMILIES[kind].torchvision:
+        pytest.importorskip("torchvision", reason=f"{kind}'s processor needs torchvision")
     out = tmp_path / "shortv"
     assert (
         CliRunner()
@@ -76,7 +123,7 @@ def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-c", USER_SCRIPT, str(out)],
+        [sys.executable, "-c", USER_SCRIPT, str(out), "with" if FAMILIES[kind].torchvision else "alone"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -90,7 +137,9 @@ def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, tmp_path):
     assert report["auto_model"] == [cls, [], []]
     assert report["image_text_to_text"] == cls
     assert report["pipeline_model"] == cls
-    processor = AutoProcessor.from_pretrained(tiny_dir(kind))
+    # the image processor the fresh process had: the PIL one where it could not import torchvision
+    backend = {} if FAMILIES[kind].torchvision else {"backend": "pil"}
+    processor = AutoProcessor.from_pretrained(tiny_dir(kind), **backend)
     assert report["processor"] == type(processor).__name__
     assert isinstance(report["pipeline"], str) and report["pipeline"].strip()
     assert report["generate"] == report["generate_eager"]
