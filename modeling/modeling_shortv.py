@@ -113,6 +113,136 @@ class DenseFrozenRows:
     visual: torch.Tensor
 
 
+@dataclass
+class KeptKeys:
+    """What a pruned prefill leaves on the KV cache (``cache.shortv_kept``) for the decode steps: the prompt length
+    and ``ok`` [B, A], which of the pruned layers' cached prompt keys may be attended to."""
+
+    prompt_length: int
+    ok: torch.Tensor
+
+
+@dataclass
+class PrunedRows:
+    """The rows the pruned layers (``layer`` and after) run on. In the prefill: ``index`` [B, A, D], each row's
+    text and kept visual positions in order, padded with removed positions where a row keeps fewer; ``valid`` [B,
+    A, 1] False on that padding (None when no row is padded); ``mask`` [B, 1, A, A] the causal mask among them
+    (padding and invalid keys masked; each row may always see itself); ``frozen`` the frozen layers' text rows
+    among them (None where no visual token is kept). In a decode step ``index`` is None (every new token is kept)
+    and ``mask`` [B, 1, Q, keys] covers what the pruned layers' cache holds."""
+
+    layer: int
+    mask: torch.Tensor
+    index: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    frozen: FrozenRows | None = None
+    kept: KeptKeys | None = None  # what the prefill leaves on the cache
+    _cos_sin: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def position_embeddings(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept rows' cos, sin [B, A, head_dim], gathered (once per forward) from the stock ones of all rows
+        (positions are the original ones)."""
+        if self._cos_sin is None:
+            rows = self.index[..., :1]
+            self._cos_sin = tuple(
+                t.expand(rows.shape[0], -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1])) for t in position_embeddings
+            )
+        return self._cos_sin
+
+
+@dataclass
+class TokenPruning:
+    """FastV or VTW in one prefill (``config.shortv_prune``); the model builds it once per forward. VTW's ``rows``
+    are made at once; FastV's by ``rank``, which layer K-1 calls on its input: the attention its row's last prompt
+    token (``query`` [B]) pays every position, after softmax, averaged over heads, ranks the visual positions
+    (ties: the earlier first), and the round((1 - ratio) x n) highest are kept, in their original order."""
+
+    layer: int
+    ratio: float | None  # FastV's share removed; None for VTW
+    visual: torch.Tensor  # [B, S] visual rows
+    padding: torch.Tensor | None  # [B, S] True on real tokens; None: no padding
+    query: torch.Tensor  # [B] each row's last prompt token
+    n_visual: int  # visual rows in all (the count a batch of one uses, known on the host)
+    frozen_layers: frozenset[int]
+    language_model: nn.Module
+    rows: PrunedRows | None = None
+
+    def rank(self, layer: nn.Module, hidden_states, position_embeddings) -> None:
+        attn = layer.self_attn
+        batch, seq, hidden = hidden_states.shape
+        normed = layer.input_layernorm(hidden_states)
+        q_norm, k_norm = attn._modules.get("q_norm"), attn._modules.get("k_norm")
+        key = attn.k_proj(normed).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        key = _rope(k_norm(key) if k_norm is not None else key, *(t.unsqueeze(1) for t in position_embeddings))
+        at = self.query[:, None, None]
+        row = normed.gather(1, at.expand(-1, 1, hidden))
+        query = attn.q_proj(row).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = (t.expand(batch, -1, -1).gather(1, at.expand(-1, 1, t.shape[-1])) for t in position_embeddings)
+        query = _rope(q_norm(query) if q_norm is not None else query, cos.unsqueeze(1), sin.unsqueeze(1))
+        scores = torch.matmul(query, repeat_kv(key, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
+        seen = torch.arange(seq, device=key.device) <= self.query[:, None]  # causal, as the stock eager map
+        if self.padding is not None:
+            seen = seen & self.padding
+        scores = scores + _additive(seen[:, None, None, :], scores.dtype)
+        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).mean(1)[:, 0]
+        order = weights.masked_fill(~self.visual, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        if batch == 1:
+            n_kept = round((1 - self.ratio) * self.n_visual)
+            keep = (~self.visual).scatter(1, order[:, :n_kept], True)
+        else:
+            n_kept = None
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(seq, device=order.device).expand(batch, -1))
+            keep = ~self.visual | (ranks < torch.round((1 - self.ratio) * self.visual.sum(1, keepdim=True)))
+        self.rows = self.pruned_rows(keep, n_kept)
+
+    def pruned_rows(self, keep: torch.Tensor, n_kept: int | None) -> PrunedRows:
+        """The ``PrunedRows`` of a prefill that keeps the ``keep`` [B, S] rows (``n_kept`` visual ones, known on
+        the host for a batch of one)."""
+        index, valid = text_index(~keep, None if n_kept is None else self.n_visual - n_kept)
+        n_rows = index.shape[1]
+        ok = self.padding.gather(1, index) if self.padding is not None else torch.ones_like(index, dtype=torch.bool)
+        if valid is not None:
+            ok = ok & valid
+        seen = torch.ones(n_rows, n_rows, dtype=torch.bool, device=index.device).tril()
+        seen = seen & (ok[:, None, :] | torch.eye(n_rows, dtype=torch.bool, device=index.device))
+        dtype = self.language_model.embed_tokens.weight.dtype
+        mask = _additive(seen[:, None], dtype)
+        visual = self.visual.gather(1, index)
+        frozen = None
+        if self.frozen_layers and (n_kept is None or n_kept > 0) and self.ratio is not None:
+            t_index, t_valid = text_index(visual, n_kept)
+            kind = "full_attention"
+            masks = {kind: mask.gather(2, t_index[:, None, :, None].expand(-1, 1, -1, n_rows))}
+            frozen = text_rows_inputs(self.language_model, self.frozen_layers, t_index, t_valid, masks)
+        hidden = self.language_model.config.hidden_size
+        return PrunedRows(
+            layer=self.layer,
+            mask=mask,
+            index=index.unsqueeze(-1).expand(-1, -1, hidden),
+            valid=None if valid is None else valid.unsqueeze(-1),
+            frozen=frozen,
+            kept=KeptKeys(keep.shape[1], ok),
+        )
+
+
+def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean mask (True: may attend) as the additive one eager attention and SDPA take."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def decode_rows(layer: int, kept: KeptKeys, attention_mask, past: int, n_new: int, dtype) -> PrunedRows:
+    """The ``PrunedRows`` of a decode step after a pruned prefill: ``n_new`` tokens after ``past`` (the full
+    sequence's length so far) see the pruned layers' cached prompt keys ``kept.ok`` and the tokens since."""
+    batch, device = kept.ok.shape[0], kept.ok.device
+    since = past - kept.prompt_length + n_new  # decoded tokens in the cache after this step's update
+    tail = torch.ones(n_new, since, dtype=torch.bool, device=device).tril(since - n_new)
+    tail = tail.expand(batch, -1, -1)
+    if attention_mask is not None:
+        tail = tail & attention_mask[:, None, kept.prompt_length :].bool()
+    seen = torch.cat([kept.ok[:, None, :].expand(-1, n_new, -1), tail], dim=-1)
+    return PrunedRows(layer=layer, mask=_additive(seen[:, None], dtype))
+
+
 class ShortVAttention:
     """Mixin over a stock attention: given ``text_index``, queries (and ``o_proj``) for the text rows only.
 
@@ -194,12 +324,31 @@ class ShortVDecoderLayer:
         self.self_attn = self.attention_class(config, layer_idx)
         self.attention_type = attention_types(config)[layer_idx]
 
-    def forward(self, hidden_states, attention_mask=None, shortv: FrozenRows | DenseFrozenRows | None = None, **kwargs):
-        if shortv is None or self.self_attn.layer_idx not in shortv.layers:
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        shortv: FrozenRows | DenseFrozenRows | None = None,
+        shortv_pruning: TokenPruning | PrunedRows | None = None,
+        **kwargs,
+    ):
+        layer = self.self_attn.layer_idx
+        if isinstance(shortv_pruning, TokenPruning):  # a pruned prefill
+            if shortv_pruning.rows is None and layer == shortv_pruning.layer - 1:
+                shortv_pruning.rank(self, hidden_states, kwargs["position_embeddings"])
+            if layer >= shortv_pruning.layer:
+                return self.pruned_forward(hidden_states, shortv_pruning.rows, **kwargs)
+        elif shortv_pruning is not None and layer >= shortv_pruning.layer:  # a decode step after one
+            return super().forward(hidden_states, attention_mask=shortv_pruning.mask, **kwargs)
+        if shortv is None or layer not in shortv.layers:
             return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
         if isinstance(shortv, DenseFrozenRows):
             out = super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
             return torch.where(shortv.visual.unsqueeze(-1), hidden_states, out)
+        return self.frozen_forward(hidden_states, shortv, **kwargs)
+
+    def frozen_forward(self, hidden_states, shortv: FrozenRows, **kwargs):
+        """The frozen branch: attention with the text rows as queries, then ``text_update`` on them."""
         kind = self.attention_type
         residual = hidden_states.gather(1, shortv.index)
         normed = self.input_layernorm(hidden_states)
@@ -215,6 +364,19 @@ class ShortVDecoderLayer:
         if shortv.valid is not None:  # padding entries point at visual rows: write those back unchanged
             text = torch.where(shortv.valid, text, residual)
         return hidden_states.scatter(1, shortv.index, text)
+
+    def pruned_forward(self, hidden_states, rows: PrunedRows, position_embeddings=None, position_ids=None, **kwargs):
+        """A layer from the first pruned one on, in the prefill: the layer (frozen where it is a ShortV layer) on
+        the kept rows only, at their original positions; the removed rows leave it unchanged."""
+        kept = hidden_states.gather(1, rows.index)
+        kwargs["position_embeddings"] = rows.position_embeddings(position_embeddings)
+        if rows.frozen is not None and self.self_attn.layer_idx in rows.frozen.layers:
+            out = self.frozen_forward(kept, rows.frozen, **kwargs)
+        else:
+            out = super().forward(kept, attention_mask=rows.mask, **kwargs)
+        if rows.valid is not None:
+            out = torch.where(rows.valid, out, kept)
+        return hidden_states.scatter(1, rows.index, out)
 
     def text_update(self, residual, attn_out):
         """The text rows after the layer, from their input and their attention output, in the stock layer's order
@@ -405,13 +567,26 @@ class ShortVModelMixin:
             raise ValueError(
                 f"ShortV supports the text models {', '.join(FROZEN_LAYERS)}, not {text_model.config.model_type!r}"
             )
-        for i in self.shortv_layers:  # initialised as the stock layer it replaces was
+        self.shortv_prune = getattr(self.config, "shortv_prune", None)
+        self._shortv_attention_types = attention_types(text_model.config)
+        replaced = set(self.shortv_layers)
+        if self.shortv_prune:  # FastV ranks in layer K-1; every layer from K on runs on the kept rows
+            first = self.shortv_prune["layer"] - (self.shortv_prune["method"] == "fastv")
+            replaced |= set(range(first, text_model.config.num_hidden_layers))
+            types = self._shortv_attention_types
+            sliding = [i for i in range(first, len(types)) if types[i] != "full_attention"]
+            if layer_class is None or sliding:
+                raise ValueError(
+                    f"token pruning ({self.shortv_prune['method']}) supports the text models "
+                    f"{', '.join(FROZEN_LAYERS)} with full attention from layer {first} on; layers {sliding} of "
+                    f"this {text_model.config.model_type} attend in a sliding window"
+                )
+        for i in sorted(replaced):  # initialised as the stock layer it replaces was
             frozen = layer_class(text_model.config, i)
             frozen.load_state_dict(text_model.layers[i].state_dict())
             text_model.layers[i] = frozen
-        if self.shortv_layers:
+        if replaced:
             self._no_split_modules.add(layer_class.__name__)
-        self._shortv_attention_types = attention_types(text_model.config)
         _warn_if_untested(self.config)
 
     def __init_subclass__(cls, **kwargs):
@@ -437,13 +612,17 @@ class ShortVModelMixin:
         forward encodes them."""
         raise NotImplementedError
 
-    def forward(self, input_ids=None, **kwargs):
+    def forward(self, input_ids=None, shortv_rank_positions=None, **kwargs):
         """The stock forward (keyword arguments after ``input_ids``, as ``generate`` passes them), with the frozen
-        layers' ``FrozenRows`` as ``shortv`` in a call that carries images or videos."""
+        layers' ``FrozenRows`` as ``shortv`` and the token pruning as ``shortv_pruning`` in a call that carries
+        images or videos, and the pruned layers' ``PrunedRows`` in the decode steps after it.
+        ``shortv_rank_positions`` [B]: where each row's prompt ends, for FastV's ranking (default: its last
+        non-padding position; ``generate`` passes the prompt's, so that it ranks alike with and without a cache)."""
         kwargs["input_ids"] = input_ids
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})
         has_pixels = any(kwargs.get(k) is not None and kwargs[k].shape[0] > 0 for k in self.pixel_keys)
-        if self.shortv_layers and (has_pixels or any(v is not None for v in encoded.values())):
+        if (self.shortv_layers or self.shortv_prune) and (has_pixels or any(v is not None for v in encoded.values())):
             if has_pixels:  # encode here, as the stock forward would, to count the features
                 for modality, output in self.encode(kwargs).items():
                     if encoded.get(modality) is None:
@@ -451,17 +630,81 @@ class ShortVModelMixin:
                 kwargs.update(dict.fromkeys(self.pixel_keys), mm_encoder_outputs=encoded)
             hidden = self.shortv_text_model().config.hidden_size
             n_visual = sum(_count(out.pooler_output, hidden) for out in encoded.values() if out is not None)
-            kwargs["shortv"] = self.frozen_rows(kwargs, n_visual)
-        return super().forward(**kwargs)
+            visual = self.visual_rows(kwargs)
+            if self.shortv_prune:
+                kwargs["shortv_pruning"] = self.token_pruning(kwargs, visual, n_visual, cache, shortv_rank_positions)
+            kwargs["shortv"] = self.frozen_rows(kwargs, visual, n_visual)
+        elif self.shortv_prune and getattr(cache, "shortv_kept", None) is not None:
+            kwargs["shortv_pruning"] = self.decode_rows(kwargs, cache)
+        out = super().forward(**kwargs)
+        pruning = kwargs.get("shortv_pruning")
+        if isinstance(pruning, TokenPruning):  # the decode steps read which prompt keys the pruned layers hold
+            if cache is None:  # the one the text model made: ``cache`` from transformers 5.24, before
+                cache = out.get("cache", out.get("past_key_values"))  # ``past_key_values``
+            if cache is not None:
+                cache.shortv_kept = pruning.rows.kept
+        return out
 
-    def frozen_rows(self, inputs: dict, n_visual: int) -> FrozenRows | DenseFrozenRows:
-        """What the frozen layers share in a call with ``inputs`` (the forward's arguments) and ``n_visual``
-        visual features."""
-        embed = self.get_input_embeddings()
+    def visual_rows(self, inputs: dict) -> torch.Tensor:
+        """[B, S] True on the visual rows of a call with ``inputs`` (the forward's arguments)."""
         token_ids = [
             getattr(self.config, k) for k in self.visual_token_keys if getattr(self.config, k, None) is not None
         ]
-        visual = visual_rows(inputs.get("input_ids"), inputs.get("inputs_embeds"), embed, token_ids)
+        return visual_rows(inputs.get("input_ids"), inputs.get("inputs_embeds"), self.get_input_embeddings(), token_ids)
+
+    def token_pruning(self, inputs: dict, visual, n_visual: int, cache, rank_positions) -> TokenPruning:
+        """The ``TokenPruning`` of a prefill with ``inputs``; ValueError where it cannot be exact."""
+        text_model = self.shortv_text_model()
+        if text_model.config._attn_implementation not in _MASKED_BACKENDS:
+            raise ValueError(
+                f"token pruning needs attention 'sdpa' or 'eager' (per-query masks), not "
+                f"'{text_model.config._attn_implementation}'"
+            )
+        if cache is not None and (getattr(cache, "is_compileable", False) or cache.get_seq_length() > 0):
+            raise ValueError(
+                "token pruning removes visual tokens from the KV cache of the pruned layers: it needs an empty "
+                "dynamic cache at the prefill (not a static cache, nor a prompt continued on a filled cache)"
+            )
+        padding = inputs.get("attention_mask")
+        padding = None if padding is None or isinstance(padding, dict) else padding.bool()
+        if rank_positions is None:
+            rank_positions = last_positions(visual, padding)
+        frozen = frozenset(i for i in self.shortv_layers if i >= self.shortv_prune["layer"])
+        pruning = TokenPruning(
+            layer=self.shortv_prune["layer"],
+            ratio=self.shortv_prune.get("ratio"),
+            visual=visual,
+            padding=padding,
+            query=rank_positions.to(visual.device),
+            n_visual=n_visual,
+            frozen_layers=frozen,
+            language_model=text_model,
+        )
+        if pruning.ratio is None:  # VTW: every visual token goes
+            pruning.rows = pruning.pruned_rows(~visual, 0)
+        return pruning
+
+    def decode_rows(self, inputs: dict, cache) -> PrunedRows:
+        reference = inputs.get("input_ids")
+        if reference is None:
+            reference = inputs["inputs_embeds"]
+        padding = inputs.get("attention_mask")
+        return decode_rows(
+            self.shortv_prune["layer"],
+            cache.shortv_kept,
+            None if isinstance(padding, dict) else padding,
+            cache.get_seq_length(),
+            reference.shape[1],
+            self.get_input_embeddings().weight.dtype,
+        )
+
+    def frozen_rows(self, inputs: dict, visual, n_visual: int) -> FrozenRows | DenseFrozenRows | None:
+        """What the frozen layers before any pruned one share in a call with ``inputs`` (the forward's arguments),
+        whose ``visual`` rows hold ``n_visual`` visual features."""
+        layers = [i for i in self.shortv_layers if not self.shortv_prune or i < self.shortv_prune["layer"]]
+        if not layers:
+            return None
+        embed = self.get_input_embeddings()
         text_model = self.shortv_text_model()
         if text_model.config._attn_implementation not in _MASKED_BACKENDS:
             logger.warning_once(
@@ -469,11 +712,11 @@ class ShortVModelMixin:
                 "fall back to the dense layer with visual rows reset (exact, but no compute saved). Use 'sdpa' "
                 "or 'eager' for the speed-up."
             )
-            return DenseFrozenRows(frozenset(self.shortv_layers), visual)
+            return DenseFrozenRows(frozenset(layers), visual)
         index, valid = text_index(visual, n_visual)
         cache = inputs.get("cache", inputs.get("past_key_values"))
         positions = mask_positions(inputs.get("position_ids"), cache, visual.shape[1], visual.device)
-        kinds = {self._shortv_attention_types[i] for i in self.shortv_layers}
+        kinds = {self._shortv_attention_types[i] for i in layers}
         probe = torch.empty(*visual.shape, 0, dtype=embed.weight.dtype, device=visual.device)
         masks = text_query_masks(
             text_model.config,
@@ -484,7 +727,7 @@ class ShortVModelMixin:
             index,
             probe,
         )
-        return text_rows_inputs(text_model, self.shortv_layers, index, valid, masks)
+        return text_rows_inputs(text_model, layers, index, valid, masks)
 
     def _makes_cache(self, inputs: dict) -> bool:
         """Whether the stock forward's text model will make a cache: ``use_cache`` from the call, else the model's
@@ -507,6 +750,28 @@ class ShortVForConditionalGenerationMixin:
         self.model = self.shortv_model_class(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def generate(self, inputs=None, **kwargs):
+        """The stock ``generate``; with FastV, each row's ranking token is the last one of its prompt in every step
+        (so generating without a cache ranks as the prefill of a cached generation does)."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if (self.config.shortv_prune or {}).get("method") == "fastv" and prompt is not None:
+            kwargs.setdefault("shortv_rank_positions", last_positions(prompt, kwargs.get("attention_mask")))
+        return super().generate(inputs, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, shortv_rank_positions=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if shortv_rank_positions is not None:
+            inputs["shortv_rank_positions"] = shortv_rank_positions
+        return inputs
+
+
+def last_positions(prompt: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """[B]: each row's last non-padding position of ``prompt`` (ids [B, S] or embeddings [B, S, D])."""
+    batch, seq = prompt.shape[:2]
+    if attention_mask is None:
+        return torch.full((batch,), seq - 1, device=prompt.device)
+    return (attention_mask.bool() * torch.arange(1, seq + 1, device=prompt.device)).argmax(1)
 
 
 def mirror_weight_renames(pairs) -> None:

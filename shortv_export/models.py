@@ -71,8 +71,9 @@ def auto_map(base_type: str) -> dict[str, str]:
     return classes
 
 
-def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any]:
-    """The ``config.json`` of a ShortV checkpoint made from a base model's ``config.json`` dict."""
+def shortv_config_dict(base: dict[str, Any], layers: list[int], prune: dict | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a ShortV checkpoint made from a base model's ``config.json`` dict, with token
+    pruning ``prune`` (FastV / VTW, the config's ``shortv_prune``) where given."""
     base_type = base.get("model_type")
     if base_type not in SUPPORTED:
         raise ValueError(f"unsupported model_type {base_type!r}; supported: {', '.join(SUPPORTED)}")
@@ -80,16 +81,19 @@ def shortv_config_dict(base: dict[str, Any], layers: list[int]) -> dict[str, Any
     config = dict(
         base, model_type=family.model_type, shortv_layers=[int(i) for i in layers], shortv_transformers=tested_range()
     )
+    if prune:
+        config["shortv_prune"] = dict(prune)
     config["architectures"] = [family.model_cls.__name__]
     config["auto_map"] = auto_map(base_type)
     config.pop("_name_or_path", None)
     return config
 
 
-def load_shortv(base_dir: str | Path, layers: list[int], **kwargs):
-    """Load a base model folder as an in-process ShortV model freezing ``layers`` (weights as they are)."""
+def load_shortv(base_dir: str | Path, layers: list[int], prune: dict | None = None, **kwargs):
+    """Load a base model folder as an in-process ShortV model freezing ``layers`` (weights as they are), with
+    token pruning ``prune`` where given."""
     base = json.loads((Path(base_dir) / "config.json").read_text())
-    config_dict = shortv_config_dict(base, layers)
+    config_dict = shortv_config_dict(base, layers, prune)
     family = SUPPORTED[base["model_type"]]
     config = family.config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
     if "attn_implementation" in kwargs:

@@ -428,7 +428,7 @@ _MISTRAL3_TEMPLATE = (
 def _mistral3_config(kind: str, tokenizer, text: dict) -> dict:
     return dict(
         vision_config=_stock("PixtralVisionConfig")(**TINY_TOWER, image_size=56, patch_size=7, head_dim=16),
-        text_config=_stock("MistralConfig")(**text),
+        text_config=_stock("MistralConfig")(**text, sliding_window=None),  # as Mistral Small 3.1's: no window
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
         vision_feature_layer=-1,

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from functools import cache
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -19,7 +20,6 @@ from transformers import AutoProcessor
 from shortv_export.cli import main
 from shortv_export.errors import ShortVError
 from shortv_export.models import load_shortv
-from shortv_export.onnx_export import export_onnx
 from shortv_export.onnx_runtime import ShortVOnnxModel, text_index
 from shortv_export.onnx_validate import cache_diff, torch_reference, validate_export
 
@@ -34,13 +34,14 @@ def exported(tmp_path_factory):
 
     @cache
     def make(kind: str, dtype: str = "fp32", text: str = "llama"):
+        """Exported by the CLI (``--onnx``), as a user exports; its output is kept for test_cli_exports_and_answers."""
         out = tmp_path_factory.mktemp(f"onnx-{kind}-{text}-{dtype}") / "ckpt"
         source = tiny_dir(kind, text=text)
-        result = CliRunner().invoke(
-            main, [str(source), "--layers", ",".join(map(str, FROZEN)), "--out", str(out), "-q", "--no-verify"]
-        )
+        args = [str(source), "--layers", ",".join(map(str, FROZEN)), "--onnx", "--onnx-dtype", dtype, "--out", str(out)]
+        result = CliRunner().invoke(main, [*args, "--no-verify"])
         assert result.exit_code == 0, result.output
-        report = export_onnx(out, dtype=dtype, progress=False)
+        spec = json.loads((out / "onnx" / "shortv_onnx.json").read_text())
+        report = SimpleNamespace(validation=spec["validation"], cli_output=result.output)
         model = load_shortv(source, FROZEN, attn_implementation="sdpa").eval()
         return out, model, report
 
@@ -232,13 +233,9 @@ def test_unknown_provider_is_a_clear_error(exported):
 
 
 @pytest.mark.parametrize("kind", ["llava", "smolvlm", "qwen2_5_vl"])
-def test_cli_exports_and_answers(tmp_path, kind):
-    out = tmp_path / "ckpt"
-    result = CliRunner().invoke(
-        main, [str(tiny_dir(kind)), "--layers", "2,0", "--onnx", "--out", str(out), "--no-verify"]
-    )
-    assert result.exit_code == 0, result.output
-    assert "ONNX Runtime vs PyTorch" in result.output and "tolerance" in result.output
+def test_cli_exports_and_answers(exported, tmp_path, kind):
+    out, _, report = exported(kind, text={"qwen2_5_vl": "qwen2"}.get(kind, "llama"))  # made by the CLI's --onnx
+    assert "ONNX Runtime vs PyTorch" in report.cli_output and "tolerance" in report.cli_output
     assert {p.name for p in (out / "onnx").iterdir()} >= {
         "vision_encoder.onnx",
         "embed_tokens.onnx",
@@ -264,7 +261,7 @@ def test_cli_exports_and_answers(tmp_path, kind):
     )
     assert answer.returncode == 0, answer.stderr
     # The answer is what the PyTorch checkpoint says.
-    model = load_shortv(tiny_dir(kind), [2, 0]).eval()
+    model = load_shortv(tiny_dir(kind), FROZEN).eval()
     processor = processor_for(out)
     from PIL import Image
 

@@ -1,0 +1,204 @@
+"""Token pruning (FastV, VTW) alone and with ShortV layers, against the independent oracle (tests/oracle.py: the
+stock model, eager, one unpadded row at a time, FastV ranked from its eager attention map, removed tokens masked
+out of the later layers): prefill logits of padded batches, cached and uncached greedy generation, the KV cache
+holding only the kept tokens, and what is refused."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import pytest
+import torch
+from conftest import batch, image, processor_for, tiny_dir
+from oracle import oracle_generate, oracle_hooks, pruning_oracle_hooks
+from transformers import AutoModelForImageTextToText, DynamicCache
+
+from shortv_export.compat import cache_kwarg
+from shortv_export.models import load_shortv, visual_token_ids
+
+FASTV = {"method": "fastv", "layer": 2, "ratio": 0.5}
+VTW = {"method": "vtw", "layer": 3}
+CONFIGS = {  # name -> (ShortV layers, pruning): layer 1 before the pruned layers, 3 and 4 among them
+    "fastv": ((), FASTV),
+    "vtw": ((), VTW),
+    "shortv_fastv": ((4, 1, 3), FASTV),
+    "shortv_vtw": ((4, 1), VTW),
+}
+# every family whose text model attends in full (Gemma 3 and the sliding-window variants are refused)
+MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral"), ("llava", "qwen2")]
+MODELS += [(k, None) for k in ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm")]
+MODELS += [("mistral3", None)]
+# every family with ShortV + FastV (the combination, which runs every code path) and VTW; each configuration on
+# LLaVA (1-D RoPE) and Qwen2.5-VL (M-RoPE)
+CASES = [(k, t, c) for k, t in MODELS for c in ("shortv_fastv", "vtw")]
+CASES += [(k, t, c) for k, t in (("llava", "llama"), ("qwen2_5_vl", None)) for c in ("fastv", "shortv_vtw")]
+
+
+def params(cases):
+    names = "kind,text,config" + (",padding_side" if len(cases[0]) == 4 else "")
+    return pytest.mark.parametrize(names, cases, ids=["-".join(str(v or "") for v in c) for c in cases])
+
+
+Q, Q2 = "what is the color of the shape ?", "how many shapes are there in this picture ?"
+
+
+def folder(kind, text):
+    return tiny_dir(kind, text=text) if text else tiny_dir(kind)
+
+
+@cache
+def models(kind, text, config, attn="sdpa", dtype=torch.float32):
+    layers, prune = CONFIGS[config]
+    ours = load_shortv(folder(kind, text), list(layers), prune, attn_implementation=attn, dtype=dtype).eval()
+    stock = AutoModelForImageTextToText.from_pretrained(folder(kind, text), attn_implementation="eager", dtype=dtype)
+    return ours, stock.eval()
+
+
+def rows():
+    """Three rows: two images, one, none (different visual-token counts, lengths, and a row with nothing to
+    prune)."""
+    return [(Q2, [image(40, 50, 0), image(64, 32, 1)]), (Q, [image(30, 90, 2)]), ("hello there , who are you ?", [])]
+
+
+def oracle(kind, text, config, rank_position=None):
+    """The stock model and the oracle's hooks on it for ``config``."""
+    layers, prune = CONFIGS[config]
+    _, stock = models(kind, text, config)
+    ids = visual_token_ids(stock.config)
+    hooks = [pruning_oracle_hooks(stock, prune, ids, rank_position), oracle_hooks(stock, list(layers), ids[0], ids)]
+    return stock, hooks
+
+
+def inputs_of(kind, text, selected, padding_side="left"):
+    return batch(processor_for(folder(kind, text)), selected, padding_side)
+
+
+def last_logits_of_oracle(kind, text, config, row_inputs):
+    stock, hooks = oracle(kind, text, config)
+    with torch.no_grad(), hooks[0], hooks[1]:
+        return stock(**row_inputs, use_cache=False).logits[0, -1]
+
+
+@params(
+    [(*case, "left") for case in CASES]
+    + [(k, t, "shortv_fastv", "right") for k, t in (("llava", "llama"), ("llava_next", "llama"), ("qwen2_5_vl", None))]
+)
+def test_prefill_of_a_padded_batch_equals_the_oracle_row_by_row(kind, text, config, padding_side):
+    ours, _ = models(kind, text, config)
+    inputs = inputs_of(kind, text, rows(), padding_side)
+    with torch.no_grad():
+        logits = ours(**inputs).logits
+    last = inputs["attention_mask"].cumsum(1).argmax(1)  # each row's last real token
+    for i in range(len(rows())):
+        expected = last_logits_of_oracle(kind, text, config, inputs_of(kind, text, rows()[i : i + 1]))
+        torch.testing.assert_close(logits[i, last[i]], expected, atol=2e-5, rtol=1e-4)
+
+
+@params([c for c in CASES if c[2] != "vtw" or c[0] in ("llava", "qwen2_5_vl")])
+def test_cached_and_uncached_greedy_generation_equal_the_oracle(kind, text, config):
+    ours, _ = models(kind, text, config)
+    inputs = inputs_of(kind, text, rows())
+    kw = dict(max_new_tokens=6, do_sample=False, suppress_tokens=visual_token_ids(ours.config))
+    with torch.no_grad():
+        cached = ours.generate(**inputs, **kw)
+        uncached = ours.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    width = inputs["input_ids"].shape[1]
+    for i in range(len(rows())):
+        one = inputs_of(kind, text, rows()[i : i + 1])
+        n = one["input_ids"].shape[1]
+        stock, hooks = oracle(kind, text, config, rank_position=n - 1)
+        with hooks[0], hooks[1]:
+            expected = oracle_generate(stock, one, 6, kw["suppress_tokens"])
+        assert until_eos(cached[i, width:].tolist(), ours) == until_eos(expected[0, n:].tolist(), ours)
+
+
+def until_eos(tokens: list[int], model) -> list[int]:
+    """``tokens`` up to the first end-of-sequence token, which generate() pads after and the oracle does not."""
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    return next((tokens[: i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_cache_of_the_pruned_layers_holds_only_the_kept_tokens(config):
+    layers, prune = CONFIGS[config]
+    ours, _ = models("llava", "llama", config)
+    one = inputs_of("llava", None, rows()[1:2])
+    seq = one["input_ids"].shape[1]
+    n_visual = int((one["input_ids"] == ours.config.image_token_id).sum())
+    kept = round((1 - prune["ratio"]) * n_visual) if prune["method"] == "fastv" else 0
+    cache = DynamicCache(config=ours.config.text_config)
+    with torch.no_grad():
+        ours(**one, **{cache_kwarg(): cache}, use_cache=True)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    k = prune["layer"]
+    assert lengths == [seq] * k + [seq - n_visual + kept] * (len(lengths) - k)
+    assert cache.get_seq_length() == seq  # positions go on from the whole prompt
+
+
+@pytest.mark.parametrize("config", ["fastv", "shortv_fastv"])
+def test_eager_and_sdpa_prune_alike(config):
+    sdpa, _ = models("llava_next", "llama", config)
+    eager, _ = models("llava_next", "llama", config, attn="eager")
+    inputs = inputs_of("llava_next", None, rows())
+    text = (inputs["attention_mask"] == 1) & (inputs["input_ids"] != sdpa.config.image_token_id)
+    with torch.no_grad():  # removed rows' logits are their state before layer K put through the head: not compared
+        torch.testing.assert_close(eager(**inputs).logits[text], sdpa(**inputs).logits[text], atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_generation_equals_the_bf16_oracle():
+    ours, stock = models("llava", "llama", "shortv_fastv", dtype=torch.bfloat16)
+    one = inputs_of("llava", None, rows()[1:2])
+    one["pixel_values"] = one["pixel_values"].bfloat16()
+    n = one["input_ids"].shape[1]
+    ids = visual_token_ids(stock.config)
+    with torch.no_grad():
+        got = ours.generate(**one, max_new_tokens=6, do_sample=False, suppress_tokens=ids)
+    with pruning_oracle_hooks(stock, FASTV, ids, n - 1), oracle_hooks(stock, [4, 1, 3], ids[0], ids):
+        expected = oracle_generate(stock, one, 6, ids)
+    assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "kind,text",
+    [("gemma3", None), ("llava", "qwen2_sliding"), ("llava", "mistral_sliding")],
+)
+def test_text_models_with_sliding_windows_after_layer_k_are_refused(kind, text):
+    with pytest.raises(ValueError, match="sliding window"):
+        load_shortv(folder(kind, text), [], FASTV)
+
+
+@pytest.mark.parametrize(
+    "prune,message",
+    [
+        ({"method": "fastv", "layer": 2}, "shortv_prune must be"),
+        ({"method": "fastv", "layer": 0, "ratio": 0.5}, r"layer must be in \[1, 6\)"),
+        ({"method": "vtw", "layer": 6}, r"layer must be in \[1, 6\)"),
+        ({"method": "fastv", "layer": 2, "ratio": 1.0}, r"ratio .* must be in \(0, 1\)"),
+        ({"method": "prune", "layer": 2}, "shortv_prune must be"),
+    ],
+)
+def test_bad_pruning_configs_are_refused(prune, message):
+    with pytest.raises(ValueError, match=message):
+        load_shortv(tiny_dir("llava"), [], prune)
+
+
+def test_a_static_cache_and_a_filled_cache_are_refused():
+    ours, _ = models("llava", "llama", "fastv")
+    one = inputs_of("llava", None, rows()[1:2])
+    with pytest.raises(ValueError, match="empty dynamic cache"), torch.no_grad():
+        ours.generate(**one, max_new_tokens=2, cache_implementation="static")
+
+
+def test_attention_without_per_query_masks_is_refused():
+    ours, _ = models("llava", "llama", "vtw")
+    one = inputs_of("llava", None, rows()[1:2])
+    text_model = ours.model.language_model
+    previous = text_model.config._attn_implementation
+    text_model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="'sdpa' or 'eager'"), torch.no_grad():
+            ours(**one)
+    finally:
+        text_model.config._attn_implementation = previous
