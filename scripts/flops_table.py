@@ -89,6 +89,46 @@ def main(argv=None):
             f"{f['vanilla_tflops']:.3f} | {f['shortv_tflops']:.3f} | {f['ratio']:.3f} | {f['ideal_speedup']:.2f}x |"
         )
 
+    print()
+    pruning_tables(args.text_tokens)
+
+
+VTW_K = {"llava-hf/llava-1.5-7b-hf": 16, "llava-hf/llava-1.5-13b-hf": 20}  # the paper's: 16 for 7B, 20 for 13B
+VTW_K |= {"llava-hf/llava-v1.6-vicuna-7b-hf": 16, "llava-hf/llava-v1.6-vicuna-13b-hf": 20}
+
+
+def pruning_tables(text_tokens: int) -> None:
+    """Paper Table 1's FastV and VTW rows, ShortV + FastV, and which K:R reaches Table 5's 29% (method.md 5)."""
+    fastv = {"method": "fastv", "layer": 2, "ratio": 0.5}
+    print("| model | vanilla TFLOPs | FastV K=2 R=50% | VTW | ShortV (paper N) | ShortV + FastV K=2 R=50% |")
+    print("|---|---|---|---|---|---|")
+    for repo_id, shape, n_visual in MODELS:
+        layers, k = PAPER_LAYERS[repo_id], VTW_K[repo_id]
+        vtw = {"method": "vtw", "layer": k}
+        cells = [
+            flops_summary(shape, n_visual, text_tokens, *c)
+            for c in (([], fastv), ([], vtw), (layers, None), (layers, fastv))
+        ]
+        row = [f"{c['shortv_tflops']:.2f} ({c['ratio']:.1%})" for c in cells]
+        row[1] = f"K={k}: {row[1]}"
+        print(f"| {repo_id.split('/')[1]} | {cells[0]['vanilla_tflops']:.2f} | " + " | ".join(row) + " |")
+    print()
+    repo = "llava-hf/llava-1.5-7b-hf"
+    shape, n_visual = MODELS[0][1], MODELS[0][2]
+    grid = [(k, r / 100) for k in range(1, 9) for r in range(5, 100, 5)]
+    ratios = {
+        (k, r): flops_summary(
+            shape, n_visual, text_tokens, PAPER_LAYERS[repo], {"method": "fastv", "layer": k, "ratio": r}
+        )["ratio"]
+        for k, r in grid
+    }
+    print("Table 5 (LLaVA-1.5-7B, ShortV N=19 + FastV; the paper gives 29% but not its K, R):")
+    print(f"  K=2 R=50%: {ratios[(2, 0.5)]:.1%}")
+    at_k2 = sorted((kr for kr in ratios if kr[0] == 2), key=lambda kr: abs(ratios[kr] - 0.29))[:2]
+    print("  nearest 29% with K=2 (FastV's own): " + ", ".join(f"R={r:.0%}: {ratios[(k, r)]:.1%}" for k, r in at_k2))
+    near = sorted(ratios, key=lambda kr: (abs(ratios[kr] - 0.29), kr))[:3]
+    print("  nearest 29% (K:R in steps of 5%): " + ", ".join(f"K={k} R={r:.0%}: {ratios[(k, r)]:.1%}" for k, r in near))
+
 
 if __name__ == "__main__":
     main()

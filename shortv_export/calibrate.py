@@ -338,6 +338,42 @@ def fidelity(
     return {"layers": list(layers), "mean_kl": total_kl / n, "top1_agreement": agree / n, "samples": n}
 
 
+def pruned_fidelity(
+    model, processor, calib: CalibrationSet, layers: list[int], prune: dict, *, batch_size: int = 8, progress=True
+) -> dict[str, Any]:
+    """``fidelity`` of ShortV ``layers`` with token pruning ``prune`` (FastV / VTW): the ShortV model, built over
+    ``model``'s own weights (no second copy), against ``model`` on the same left-padded batches."""
+    from .models import SUPPORTED, shortv_config_dict
+
+    classes = SUPPORTED[model.config.model_type]
+    config_dict = shortv_config_dict(model.config.to_dict(), layers, prune)
+    config = classes.config_cls.from_dict({k: v for k, v in config_dict.items() if k != "auto_map"})
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        shortv = classes.model_cls(config)
+    shortv.load_state_dict(model.state_dict(), assign=True)
+    buffers = dict(model.named_buffers())  # the non-persistent ones (RoPE frequencies) are not in the state dict
+    for name, buffer in list(shortv.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attr = name.rpartition(".")
+            shortv.get_submodule(owner)._buffers[attr] = buffers[name]
+    shortv.eval()
+    device = next(model.parameters()).device
+    total_kl, agree = 0.0, 0
+    bar = progress_bar(len(calib.samples), "checking fidelity", progress, unit="sample")
+    for samples in _batches(calib, batch_size):
+        inputs = {k: v.to(device) for k, v in prompt_batch(processor, samples).items()}
+        with torch.no_grad():
+            base = torch.log_softmax(model(**inputs).logits[:, -1].float(), -1)
+            mine = torch.log_softmax(shortv(**inputs).logits[:, -1].float(), -1)
+        total_kl += float(kl(mine, base).double().sum())
+        agree += int((mine.argmax(-1) == base.argmax(-1)).sum())
+        bar.update(len(samples))
+    bar.close()
+    n = len(calib.samples)
+    return {"layers": list(layers), "prune": prune, "mean_kl": total_kl / n, "top1_agreement": agree / n, "samples": n}
+
+
 def lc_plot_png(lc: LCResult, path: Path, title: str = "") -> bool:
     """Plot visual (and text) LC per layer to ``path``; False when matplotlib is not installed."""
     try:

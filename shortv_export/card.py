@@ -51,6 +51,7 @@ def model_card(
         f"layer, `{FAMILIES[source.kind].modeling_file}` the model class, and `config.json` lists the frozen "
         "layers in `shortv_layers`.",
         "",
+        *_pruning(result.prune),
         *_usage(repo, FAMILIES[source.kind]),
         *(_onnx_usage(repo, result.onnx, result.onnx_quantization) if onnx else []),
         *_frozen_layers(layers, result.lc, has_plot),
@@ -101,6 +102,31 @@ def _usage(repo: str, family) -> list[str]:
         'attention and `device_map="auto"` work as with the base model. `trust_remote_code=True` is required.',
         "",
         *needs,
+    ]
+
+
+def _pruning(prune: dict | None) -> list[str]:
+    """The token pruning combined with ShortV (paper Table 5), if any."""
+    if not prune:
+        return []
+    k = prune["layer"]
+    if prune["method"] == "fastv":
+        what = (
+            f"combined with FastV (K={k}, R={prune['ratio']:.0%}): before layer {k}, each prompt's visual tokens are "
+            f"ranked by the attention its last token pays them in layer {k - 1} (averaged over heads), and the "
+            f"{prune['ratio']:.0%} it attends to least are removed from layers {k} and after (no queries, keys, "
+            "values or MLP for them there, and none of their keys and values in those layers' cache); the kept "
+            "ones keep their positions and their order, and the ShortV layers among those layers freeze them"
+        )
+    else:
+        what = (
+            f"combined with VTW (K={k}): every visual token is removed from layers {k} and after (keys and values "
+            "included)"
+        )
+    return [
+        f"ShortV is {what}. Text tokens are never removed. `config.json` holds this as `shortv_prune`; logits at "
+        "removed positions are not meaningful (their state from before the first pruned layer).",
+        "",
     ]
 
 

@@ -32,6 +32,13 @@ CAL, EXPORT = CalibrationOptions(), ExportOptions()  # the defaults, as the Pyth
     metavar="IDS|paper",
     help="Frozen layers, lowest LC first (e.g. 31,29,30), or 'paper'; skips calibration.",
 )
+@click.option(
+    "--fastv",
+    metavar="K:R",
+    help="Also prune visual tokens as FastV: from layer K on, drop the share R the last prompt token attends to "
+    "least in layer K-1 (e.g. 2:0.5).",
+)
+@click.option("--vtw", type=int, metavar="K", help="Also prune visual tokens as VTW: drop them all from layer K on.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: ./<model>-shortv-n<N>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--calib", help="Calibration set: FILE.jsonl, an image folder or hf:NAME[:split] [default: embedded].")

@@ -105,6 +105,7 @@ class ConvertOptions:
     base_model: str | None = None
     dry_run: bool = False
     progress: bool = True
+    prune: dict | None = None  # token pruning (FastV / VTW): the config's shortv_prune, from --fastv / --vtw
 
     def __post_init__(self):
         if self.out is not None and not isinstance(self.out, Path):
@@ -139,6 +140,7 @@ class ConvertResult:
     pushed: Any = None  # publish.PushResult
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    prune: dict | None = None  # token pruning written with the layers (the config's shortv_prune)
 
 
 @dataclass(frozen=True)
@@ -178,18 +180,33 @@ def convert(
     dry_run: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    fastv: str | None = None,
+    vtw: int | None = None,
 ) -> ConvertResult:
     """Convert ``model`` (a Hub id or a local folder) into a standalone ShortV checkpoint.
 
-    Layers: ``layers`` (ids, lowest LC first, as a list or "31,29,30", or "paper"), else the ``n`` lowest-LC
-    layers (default 60%), or the fewest whose FLOPs ratio is <= ``target_flops``. ``base_model``: the Hub id
-    the card names when ``model`` is a local folder. ``log`` receives one line per step (default: print when
-    ``progress``). Raises ShortVError on anything the user can fix; nothing is left half-written.
+        Layers: ``layers`` (ids, lowest LC first, as a list or "31,29,30", or "paper"), else the ``n`` lowest-LC
+        layers (default 60%), or the fewest whose FLOPs ratio is <= ``target_flops``. ``base_model``: the Hub id
+        the card names when ``model`` is a local folder. ``fastv`` ("K:R", e.g. "2:0.5") or ``vtw`` (K): token pruning
+    written with the layers (docs/method.md section 5). ``log`` receives one line per step (default: print when
+        ``progress``). Raises ShortVError on anything the user can fix; nothing is left half-written.
     """
     export = ExportOptions(onnx, onnx_dtype, onnx_quantize)
     publish = PushOptions(push, repo_id, private, revision, create_pr, commit_message)
     options = ConvertOptions(  # positional, in field order: each dataclass is made (and checked) once
-        n, layers, target_flops, out, overwrite, export, verify, publish, model_revision, base_model, dry_run, progress
+        n,
+        layers,
+        target_flops,
+        out,
+        overwrite,
+        export,
+        verify,
+        publish,
+        model_revision,
+        base_model,
+        dry_run,
+        progress,
+        parse_prune(fastv, vtw),
     )
     calibration = calibration or CalibrationOptions()
     say = log or (print if progress else _silent)
@@ -198,7 +215,7 @@ def convert(
     if options.dry_run:
         return dry_run_stage(plan, options, calibration, say, warnings)
     publisher = _publisher(plan.out, options.push)  # offline mode, the token and the endpoint, before long work
-    layers, lc = select_stage(plan, calibration, options.progress, say)
+    layers, lc = select_stage(plan, calibration, options.progress, say, options.prune)
     result = _result(plan, layers, lc, options, calibration, warnings, say)
     result = write_stage(plan.source, result, options, calibration, say)
     if not (options.verify or publisher):
@@ -210,6 +227,43 @@ def convert(
         return publish_stage(result, publisher, options.push, say)
     except KeyboardInterrupt:
         raise WrittenButInterrupted(result.out) from None
+
+
+def parse_prune(fastv: str | None, vtw: int | None) -> dict | None:
+    """The config's ``shortv_prune`` for ``--fastv K:R`` or ``--vtw K`` (checked against the model in the plan)."""
+    if fastv is not None and vtw is not None:
+        raise ShortVError("give --fastv or --vtw, not both")
+    if vtw is not None:
+        return {"method": "vtw", "layer": vtw}
+    if fastv is None:
+        return None
+    match = re.fullmatch(r"(\d+):(0?\.\d+|1(?:\.0*)?|0)", str(fastv).strip())
+    if not match:
+        raise ShortVError(f"--fastv {fastv!r}: give K:R, the first pruned layer and the share removed (e.g. 2:0.5)")
+    return {"method": "fastv", "layer": int(match[1]), "ratio": float(match[2])}
+
+
+def _check_prune(prune: dict, source, onnx: bool) -> None:
+    """What token pruning needs of the model: K in range, full attention from layer K-1 on, no --onnx yet."""
+    from .modeling.configuration_shortv import check_prune
+    from .modeling.modeling_shortv import attention_types
+
+    flag = "--fastv" if prune["method"] == "fastv" else "--vtw"
+    try:
+        check_prune(prune, source.num_layers)
+    except ValueError as err:
+        raise ShortVError(f"{flag}: {err}") from None
+    first = prune["layer"] - (prune["method"] == "fastv")
+    sliding = [
+        i for i, t in enumerate(attention_types(source.hf_config.text_config)) if i >= first and t != "full_attention"
+    ]
+    if sliding:
+        raise ShortVError(
+            f"{flag}: layers {sliding} of {source.model_id} attend in a sliding window; token pruning supports "
+            f"text models with full attention from layer {first} on"
+        )
+    if onnx:
+        raise ShortVError(f"--onnx with {flag}: the ONNX export does not prune tokens yet; drop one of them")
 
 
 def _check_environment(options: ConvertOptions, calibration: CalibrationOptions) -> list[str]:
@@ -246,6 +300,8 @@ def plan_stage(model: str, options: ConvertOptions, calibration: CalibrationOpti
         )
     if options.n is not None:
         check_n(options.n, total)
+    if options.prune:
+        _check_prune(options.prune, source, options.export.enabled)
     layers, counts = options.layers, None
     if layers is not None:
         spec = layers if isinstance(layers, str) else ",".join(map(str, layers))
@@ -256,18 +312,20 @@ def plan_stage(model: str, options: ConvertOptions, calibration: CalibrationOpti
             counts = _token_counts(source, calibration)
         planned = options.n if options.n is not None else default_n(total)
         if options.target_flops is not None:
-            planned = _n_for_target(source, options.target_flops, *counts[:2])
+            planned = _n_for_target(source, options.target_flops, *counts[:2], options.prune)
     out = options.out or Path(f"{source.name}-shortv-n{planned}")
     check_output(out, options.overwrite, source)  # before the (long) calibration
     return Plan(options.base_model or source.repo_id or source.name, source, layers, planned, out, counts)
 
 
-def select_stage(plan: Plan, calibration: CalibrationOptions, progress: bool, say) -> tuple[list[int], Any]:
+def select_stage(
+    plan: Plan, calibration: CalibrationOptions, progress: bool, say, prune: dict | None = None
+) -> tuple[list[int], Any]:
     """Stages 2 and 3, calibrate (or reuse lc.json) and select: the frozen layers and the LCResult (None when
     the layers were given)."""
     if plan.layers is not None:
         return plan.layers, None
-    lc = _calibrate(plan.source, plan.out, calibration, plan.n, progress, say)
+    lc = _calibrate(plan.source, plan.out, calibration, plan.n, progress, say, prune)
     say(f"LC order (lowest first): {lc.order}")
     say(Fidelity.of(lc.fidelity).log_line())
     return lc.fidelity["layers"], lc
@@ -277,7 +335,7 @@ def _result(plan, layers, lc, options, calibration, warnings, say) -> ConvertRes
     """The result as selected, before anything is written."""
     source = plan.source
     warning = Fidelity.of(lc.fidelity).warning() if lc is not None else None
-    flops = _flops(source, layers, lc)
+    flops = _flops(source, layers, lc, options.prune)
     result = ConvertResult(
         source.model_id,
         source.kind,
@@ -289,8 +347,11 @@ def _result(plan, layers, lc, options, calibration, warnings, say) -> ConvertRes
         out=plan.out,
         lc=lc,
         warnings=[*warnings, *([warning] if warning else [])],
+        prune=options.prune,
     )
     say(f"frozen for visual tokens: {result.n} layer{'s' * (result.n != 1)} {result.layers}")
+    if options.prune:
+        say(f"token pruning: {prune_description(options.prune)}")
     say(result.flops.log_line())
     return result
 
@@ -313,6 +374,7 @@ def write_stage(source, result: ConvertResult, options: ConvertOptions, calibrat
         source,
         result.layers,
         result.out,
+        prune=result.prune,
         overwrite=options.overwrite,
         extra=extra,
         progress=_progress("writing") if options.progress else None,
@@ -338,6 +400,7 @@ def verify_stage(source, result: ConvertResult, options: ConvertOptions, calibra
             device=calibration.device,
             dtype=calibration.dtype,
             threads=calibration.threads,
+            prune=result.prune,
         )
     except ShortVError as err:
         raise ShortVError(f"{err}. {result.out} is written but was not pushed" if publisher else str(err)) from None
@@ -387,7 +450,9 @@ def dry_run_stage(plan: Plan, options: ConvertOptions, calibration, say, warning
     else:
         n_visual, n_text, calib = plan.counts
         # every decoder layer has the same shape: any N layers cost the same, whichever LC picks
-        flops = _flops_at(source.hf_config.text_config, n_visual, n_text, list(range(plan.n)), "calibration set mean")
+        flops = _flops_at(
+            source.hf_config.text_config, n_visual, n_text, list(range(plan.n)), "calibration set mean", options.prune
+        )
         result = ConvertResult(
             source.model_id,
             source.kind,
@@ -398,6 +463,7 @@ def dry_run_stage(plan: Plan, options: ConvertOptions, calibration, say, warning
             _command(None, True, plan.n, calibration, options, plan),
             out=plan.out,
             warnings=warnings,
+            prune=options.prune,
         )
         target = options.target_flops
         rule = f"the {plan.n} lowest-LC layers" + (f" (FLOPs ratio <= {target})" if target else "")
@@ -502,22 +568,25 @@ def _token_counts(source, c: CalibrationOptions) -> tuple[float, float, Any]:
     return (*token_counts(load_processor(source.path), calib, source.hf_config.image_token_id), calib)
 
 
-def _n_for_target(source, target_flops: float, n_visual: float, n_text: float) -> int:
+def _n_for_target(source, target_flops: float, n_visual: float, n_text: float, prune: dict | None = None) -> int:
     """``--target-flops``: the fewest frozen layers that reach it (every layer costs the same, so this is known
     before calibration picks which)."""
     from .select import smallest_n_for_flops
 
     n = smallest_n_for_flops(
-        source.hf_config.text_config, list(range(source.num_layers)), target_flops, n_visual, n_text
+        source.hf_config.text_config, list(range(source.num_layers)), target_flops, n_visual, n_text, prune
     )
     if n == 0:
-        raise ShortVError(f"--target-flops {target_flops}: already met with no frozen layer")
+        raise ShortVError(
+            f"--target-flops {target_flops}: already met with no frozen layer"
+            + (f" ({prune_description(prune)})" if prune else "")
+        )
     return n
 
 
-def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say):
+def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say, prune: dict | None = None):
     """LC (reused from out/lc.json when it matches), the selected layers and their fidelity, as one LCResult."""
-    from .calibrate import calibrate, calibration_key, fidelity, load_model, reusable
+    from .calibrate import calibrate, calibration_key, fidelity, load_model, pruned_fidelity, reusable
     from .data import load_calibration
     from .numerics import resolve_dtype
     from .select import lowest
@@ -542,12 +611,17 @@ def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say):
         _check_finite(lc.visual + (lc.text or []))
     layers = lowest(lc.order, n)
     floor = c.min_agreement
-    stored = lc.fidelity if lc.fidelity and lc.fidelity["layers"] == layers else None
+    same = lc.fidelity and lc.fidelity["layers"] == layers and lc.fidelity.get("prune") == prune
+    stored = lc.fidelity if same else None
     if stored is None or stored.get("min_agreement") != floor:
         if model is None:
             model, processor = load_model(source, device=c.device, dtype=c.dtype, device_map=c.device_map)
 
         def agreement(frozen: list[int]) -> dict:
+            if prune:
+                return pruned_fidelity(
+                    model, processor, calib, frozen, prune, batch_size=c.batch_size, progress=progress
+                )
             return fidelity(model, processor, calib, frozen, batch_size=c.batch_size, progress=progress)
 
         fresh = {k: v for k, v in (stored or agreement(layers)).items() if not k.startswith("largest_n")}
@@ -584,18 +658,27 @@ def _largest_n_above(order: list[int], n_bad: int, agreement, floor: float) -> d
     return {"largest_n_above_min_agreement": good, "largest_n_top1_agreement": good_share}
 
 
-def _flops(source, layers, lc) -> Flops:
+def _flops(source, layers, lc, prune: dict | None = None) -> Flops:
     text_config = source.hf_config.text_config
     if lc is not None:
         n_visual, n_text = lc.calibration["n_visual_mean"], lc.calibration["n_text_mean"]
-        return _flops_at(text_config, n_visual, n_text, layers, "calibration set mean")
-    return _flops_at(text_config, _default_visual_tokens(source), DEFAULT_TEXT_TOKENS, layers, "typical prompt")
+        return _flops_at(text_config, n_visual, n_text, layers, "calibration set mean", prune)
+    visual = _default_visual_tokens(source)
+    return _flops_at(text_config, visual, DEFAULT_TEXT_TOKENS, layers, "typical prompt", prune)
 
 
-def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str) -> Flops:
+def _flops_at(text_config, n_visual, n_text, layers, tokens_from: str, prune: dict | None = None) -> Flops:
     from .flops import flops_summary
 
-    return Flops.of(dict(flops_summary(text_config, round(n_visual), round(n_text), layers), tokens_from=tokens_from))
+    summary = flops_summary(text_config, round(n_visual), round(n_text), layers, prune)
+    return Flops.of(dict(summary, tokens_from=tokens_from))
+
+
+def prune_description(prune: dict) -> str:
+    """'FastV K=2 R=50%' / 'VTW K=16': for the log, the card and the FLOPs line."""
+    if prune["method"] == "fastv":
+        return f"FastV K={prune['layer']} R={prune['ratio']:.0%}"
+    return f"VTW K={prune['layer']}"
 
 
 def _default_visual_tokens(source) -> int:
@@ -629,6 +712,10 @@ def _command(layers, calibrated: bool, n: int, c: CalibrationOptions, options: C
             args += ["--dtype", c.dtype]
         if c.min_agreement != MIN_AGREEMENT:
             args += ["--min-agreement", str(c.min_agreement)]
+    prune = options.prune
+    if prune:
+        args += ["--fastv", f"{prune['layer']}:{prune['ratio']:g}"] if prune["method"] == "fastv" else []
+        args += ["--vtw", str(prune["layer"])] if prune["method"] == "vtw" else []
     if options.model_revision:
         args += ["--model-revision", options.model_revision]
     export = options.export

@@ -116,16 +116,19 @@ def lowest(order: list[int], n: int) -> list[int]:
     return list(order[:n])
 
 
-def smallest_n_for_flops(text_config, order: list[int], target: float, n_visual: float, n_text: float) -> int:
-    """``--target-flops R``: the smallest N whose prefill FLOPs ratio is <= R at these token counts."""
+def smallest_n_for_flops(
+    text_config, order: list[int], target: float, n_visual: float, n_text: float, prune: dict | None = None
+) -> int:
+    """``--target-flops R``: the smallest N whose prefill FLOPs ratio is <= R at these token counts (with the token
+    pruning ``prune``, which the ratio counts too)."""
     from .flops import flops_summary
 
     if not 0 < target <= 1:
         raise ShortVError(f"--target-flops {target}: must be a ratio in (0, 1]")
     for n in range(len(order) + 1):
-        if flops_summary(text_config, round(n_visual), round(n_text), order[:n])["ratio"] <= target:
+        if flops_summary(text_config, round(n_visual), round(n_text), order[:n], prune)["ratio"] <= target:
             return n
-    best = flops_summary(text_config, round(n_visual), round(n_text), order)["ratio"]
+    best = flops_summary(text_config, round(n_visual), round(n_text), order, prune)["ratio"]
     raise ShortVError(
         f"--target-flops {target}: out of reach; freezing every layer gives {best:.3f} at "
         f"{n_visual:.0f} visual + {n_text:.0f} text tokens"

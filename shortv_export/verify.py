@@ -52,12 +52,15 @@ with torch.no_grad():
         extra = {"mm_token_type_ids": torch.cat([types, torch.zeros_like(out.sequences[:, n:]).to(types)], 1)}
     else:
         extra = {"position_ids": (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)}
+    if (model.config.shortv_prune or {}).get("method") == "fastv":  # FastV ranks from the prompt's last token,
+        extra["shortv_rank_positions"] = torch.full((mask.shape[0],), n - 1)  # as generate() makes it rank
     full = model(**dict(prompts, input_ids=out.sequences, attention_mask=mask, **extra), use_cache=False)
     uncached = full.logits[:, n - 1 : -1].float().cpu()
 cached = torch.stack(out.logits, dim=1).float().cpu()
 torch.save({"logits": logits, "tokens": out.sequences.cpu(), "cached": cached, "uncached": uncached}, out_path)
 print(json.dumps({"class": type(model).__name__, "missing": sorted(info["missing_keys"]),
-                  "unexpected": sorted(info["unexpected_keys"]), "shortv_layers": model.config.shortv_layers}))
+                  "unexpected": sorted(info["unexpected_keys"]), "shortv_layers": model.config.shortv_layers,
+                  "shortv_prune": model.config.shortv_prune}))
 """
 
 TOLERANCE = 1e-4  # reloaded vs in-process, relative to the largest logit (same device, dtype and attention)
@@ -75,6 +78,7 @@ def verify_folder(
     device: str | None = None,
     dtype: str = "fp32",
     threads: int | None = None,
+    prune: dict | None = None,
 ) -> dict:
     """Check ``folder`` (the written checkpoint of ``base`` freezing ``layers``) on ``device`` (default the CPU) in
     ``dtype`` ("fp32", "bf16", "fp16", or "auto": fp32 on the CPU, bf16 on a GPU); raise ShortVError on failure."""
@@ -91,7 +95,7 @@ def verify_folder(
     chosen = load_calibration(None).samples[:: max(1, 40 // samples)][:samples]
     inputs = prompt_batch(processor, chosen)
     prompts = prompt_batch(processor, chosen[:2])  # left-padded: the rows differ in length
-    mine = _in_process(base, layers, inputs, prompts, device, torch_dtype)
+    mine = _in_process(base, layers, inputs, prompts, device, torch_dtype, prune)
     settings = {"greedy": mine["greedy"], "device": device, "dtype": str(torch_dtype).removeprefix("torch.")}
     report, out = _reloaded(folder, inputs, prompts, settings, threads)
 
@@ -120,18 +124,19 @@ def verify_folder(
             f"verify failed: the model's logits are not finite (NaN or inf) in {settings['dtype']}: the weights hold "
             "NaN/inf values, or the dtype overflows (try --dtype fp32)"
         )
-    problems = _problems(figures, report, layers, active=not (layers and torch.equal(reloaded, vanilla)))
+    active = not ((layers or prune) and torch.equal(reloaded, vanilla))
+    problems = _problems(figures, report, layers, active, prune)
     if problems:
         raise ShortVError("verify failed: " + "; ".join(problems))
     return figures
 
 
-def _in_process(base, layers, inputs: dict, prompts: dict, device: str, torch_dtype) -> dict:
+def _in_process(base, layers, inputs: dict, prompts: dict, device: str, torch_dtype, prune=None) -> dict:
     """The in-process ShortV model's last-position logits and greedy tokens, and the base model's logits (the same
     weights on the stock path)."""
     from .models import load_shortv, visual_token_ids
 
-    model = load_shortv(base, layers, dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
+    model = load_shortv(base, layers, prune, dtype=torch_dtype, attn_implementation="sdpa").to(device).eval()
     # random or tiny models may pick <image>, which a later step without the cache would take for a placeholder
     greedy = dict(max_new_tokens=GENERATED_TOKENS, do_sample=False, suppress_tokens=visual_token_ids(model.config))
 
@@ -141,7 +146,7 @@ def _in_process(base, layers, inputs: dict, prompts: dict, device: str, torch_dt
     with torch.no_grad():
         shortv = model(**place(inputs), logits_to_keep=1).logits[:, -1].float().cpu()
         tokens = model.generate(**place(prompts), **greedy).cpu()
-        model.model.shortv_layers = []  # the same weights on the stock path: the base model
+        model.model.shortv_layers, model.model.shortv_prune = [], None  # the same weights on the stock path
         vanilla = model(**place(inputs), logits_to_keep=1).logits[:, -1].float().cpu()
     return {"shortv": shortv, "tokens": tokens, "vanilla": vanilla, "greedy": greedy}
 
@@ -170,13 +175,15 @@ def _reloaded(folder: Path, inputs: dict, prompts: dict, settings: dict, threads
         return json.loads(result.stdout.strip().splitlines()[-1]), torch.load(tmp / "out.pt", weights_only=True)
 
 
-def _problems(figures: dict, report: dict, layers: list[int], active: bool) -> list[str]:
+def _problems(figures: dict, report: dict, layers: list[int], active: bool, prune: dict | None = None) -> list[str]:
     """What is wrong with the reloaded folder, from its figures and report (empty: nothing)."""
     problems = []
     if report["missing"] or report["unexpected"]:
         problems.append(f"weights missing {report['missing'][:3]} / unexpected {report['unexpected'][:3]}")
     if report["shortv_layers"] != list(layers):
         problems.append(f"config shortv_layers {report['shortv_layers']} != {list(layers)}")
+    if report.get("shortv_prune") != prune:
+        problems.append(f"config shortv_prune {report.get('shortv_prune')} != {prune}")
     cache_diff = figures["generate_max_abs_logits_diff_cached_vs_uncached"]
     if not cache_diff <= figures["generate_cache_tolerance"]:
         problems.append(

@@ -100,8 +100,10 @@ def write_checkpoint(
     extra: dict[str, bytes] | None = None,
     progress: Callable | None = None,
     finalize: Callable[[Path], None] | None = None,
+    prune: dict | None = None,
 ) -> Path:
-    """Write the ShortV checkpoint of ``source`` freezing ``layers`` to ``out``; return its path.
+    """Write the ShortV checkpoint of ``source`` freezing ``layers`` (with token pruning ``prune``, if any) to
+    ``out``; return its path.
 
     ``extra``: more generated files (name -> content), e.g. lc.json and the model card. Atomic: the folder is
     built as a hidden sibling and renamed into place, so an interrupted run leaves no output folder; an
@@ -111,7 +113,7 @@ def write_checkpoint(
     """
     out = Path(out).resolve()
     check_output(out, overwrite, source)
-    config = shortv_config_dict(source.config, layers)
+    config = shortv_config_dict(source.config, layers, prune)
     config_cls = SUPPORTED[source.kind].config_cls
     try:  # the config must load with our class before anything is written
         config_cls.from_dict({k: v for k, v in config.items() if k != "auto_map"})

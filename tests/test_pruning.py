@@ -5,6 +5,8 @@ holding only the kept tokens, and what is refused."""
 
 from __future__ import annotations
 
+import json
+import re
 from functools import cache
 
 import pytest
@@ -202,3 +204,76 @@ def test_attention_without_per_query_masks_is_refused():
             ours(**one)
     finally:
         text_model.config._attn_implementation = previous
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from shortv_export.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_writes_fastv_with_shortv_verifies_it_and_the_folder_loads_as_the_in_process_model(tmp_path):
+    out = tmp_path / "out"
+    result = _cli(tiny_dir("llava"), "--layers", "4,1,3", "--fastv", "2:0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "token pruning: FastV K=2 R=50%" in result.output and "verified:" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["shortv_prune"] == FASTV and config["shortv_layers"] == [4, 1, 3]
+    card = (out / "README.md").read_text()
+    assert "combined with FastV (K=2, R=50%)" in card and "--fastv 2:0.5" in card
+    reloaded = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    ours, _ = models("llava", "llama", "shortv_fastv")
+    inputs = inputs_of("llava", None, rows())
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, ours(**inputs).logits)
+
+
+def test_calibration_with_vtw_records_the_fidelity_of_what_is_written(tmp_path):
+    out = tmp_path / "out"
+    result = _cli(tiny_dir("llava"), "--n", "2", "--vtw", "3", "--samples", "4", "--out", out, "--no-verify")
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads((out / "lc.json").read_text())["fidelity"]
+    assert fidelity["prune"] == VTW and fidelity["samples"] == 4
+    assert "--vtw 3" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--fastv", "2"], "give K:R"),
+        (["--fastv", "2:1.5"], "give K:R"),
+        (["--fastv", "2:0.5", "--vtw", "3"], "not both"),
+        (["--vtw", "6"], r"--vtw: shortv_prune's layer must be in \[1, 6\)"),
+        (["--fastv", "0:0.5"], r"--fastv: shortv_prune's layer must be in \[1, 6\)"),
+        (["--fastv", "2:0.5", "--onnx"], "does not prune tokens yet"),
+    ],
+)
+def test_pruning_flags_are_checked_before_any_work(tmp_path, args, message):
+    result = _cli(tiny_dir("llava"), "--layers", "1", *args, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and re.search(message, result.stderr), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sliding_window_model_is_refused_by_the_cli(tmp_path):
+    result = _cli(tiny_dir("gemma3"), "--layers", "1", "--vtw", "2", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "sliding window" in result.stderr
+
+
+def test_dry_run_and_target_flops_count_the_pruning():
+    from shortv_export.flops import flops_summary
+
+    plain = _cli(tiny_dir("llava"), "--layers", "4,1,3", "--dry-run")
+    pruned = _cli(tiny_dir("llava"), "--layers", "4,1,3", "--fastv", "2:0.5", "--dry-run")
+    ratio = lambda output: float(re.search(r"ratio ([0-9.]+)", output)[1])  # noqa: E731
+    text_config = json.loads((tiny_dir("llava") / "config.json").read_text())["text_config"]
+    n_visual = int(re.search(r"at (\d+) visual \+ (\d+) text", pruned.output)[1])
+    n_text = int(re.search(r"at (\d+) visual \+ (\d+) text", pruned.output)[2])
+    expected = flops_summary(text_config, n_visual, n_text, [4, 1, 3], FASTV)["ratio"]
+    assert ratio(pruned.output) == round(expected, 3) < ratio(plain.output)
+    # --target-flops picks N given FastV: fewer layers than without it
+    plain_n = _cli(tiny_dir("llava"), "--target-flops", "0.6", "--dry-run").output
+    pruned_n = _cli(tiny_dir("llava"), "--target-flops", "0.6", "--fastv", "2:0.5", "--dry-run").output
+    n_of = lambda output: int(re.search(r"freeze the (\d+) lowest-LC layers", output)[1])  # noqa: E731
+    assert n_of(pruned_n) < n_of(plain_n)
