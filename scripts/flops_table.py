@@ -98,7 +98,7 @@ VTW_K |= {"llava-hf/llava-v1.6-vicuna-7b-hf": 16, "llava-hf/llava-v1.6-vicuna-13
 
 
 def pruning_tables(text_tokens: int) -> None:
-    """Paper Table 1's FastV and VTW rows, ShortV + FastV, and which K:R reaches Table 5's 29% (docs/method.md section 5)."""
+    """Paper Table 1's FastV and VTW rows, ShortV + FastV, and the K:R of Table 5's 29% (docs/method.md section 5)."""
     fastv = {"method": "fastv", "layer": 2, "ratio": 0.5}
     print("| model | vanilla TFLOPs | FastV K=2 R=50% | VTW | ShortV (paper N) | ShortV + FastV K=2 R=50% |")
     print("|---|---|---|---|---|---|")
