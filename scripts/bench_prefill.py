@@ -75,8 +75,9 @@ def frozen_layers(shape: str, depth: int) -> list[int]:
     return list(range(depth - round(depth * share), depth))
 
 
-def build(shape: str, depth: int, dtype: torch.dtype, device: str):
-    """A ShortV LLaVA with the shape's language model (random weights), built on ``device`` in ``dtype``."""
+def build(shape: str, depth: int, dtype: torch.dtype, device: str, prune: dict | None = None):
+    """A ShortV LLaVA with the shape's language model (random weights), built on ``device`` in ``dtype``, with
+    token pruning ``prune`` (the config's shortv_prune) if given."""
     from shortv_export.modeling.configuration_shortv import ShortVLlavaConfig
     from shortv_export.modeling.modeling_shortv_llava import ShortVLlavaForConditionalGeneration
     from transformers import CLIPVisionConfig, LlamaConfig
@@ -98,7 +99,12 @@ def build(shape: str, depth: int, dtype: torch.dtype, device: str):
     )
     frozen = frozen_layers(shape, depth)
     config = ShortVLlavaConfig(
-        text_config=text, vision_config=vision, image_token_id=vocab - 1, shortv_layers=frozen, vision_feature_layer=-1
+        text_config=text,
+        vision_config=vision,
+        image_token_id=vocab - 1,
+        shortv_layers=frozen,
+        vision_feature_layer=-1,
+        shortv_prune=prune,
     )
     config._attn_implementation = config.text_config._attn_implementation = "sdpa"
     default = torch.get_default_dtype()
