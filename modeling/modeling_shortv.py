@@ -765,6 +765,26 @@ class ShortVForConditionalGenerationMixin:
             inputs["shortv_rank_positions"] = shortv_rank_positions
         return inputs
 
+    def __init_subclass__(cls, **kwargs):
+        """``generate`` reads which inputs the model takes from ``prepare_inputs_for_generation``'s signature:
+        show it the stock one, with ``shortv_rank_positions`` added."""
+        super().__init_subclass__(**kwargs)
+        stock = getattr(super(), "prepare_inputs_for_generation", None)
+        if stock is None or "prepare_inputs_for_generation" in vars(cls):
+            return
+        signature = inspect.signature(stock)
+        params = list(signature.parameters.values())
+        extra = inspect.Parameter("shortv_rank_positions", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        mine = ShortVForConditionalGenerationMixin.prepare_inputs_for_generation
+
+        @functools.wraps(mine)
+        def prepare_inputs_for_generation(self, *args, **kwargs):
+            return mine(self, *args, **kwargs)
+
+        prepare_inputs_for_generation.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])
+        cls.prepare_inputs_for_generation = prepare_inputs_for_generation
+
 
 def last_positions(prompt: torch.Tensor, attention_mask=None) -> torch.Tensor:
     """[B]: each row's last non-padding position of ``prompt`` (ids [B, S] or embeddings [B, S, D])."""
