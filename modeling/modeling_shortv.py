@@ -751,13 +751,13 @@ class ShortVForConditionalGenerationMixin:
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def generate(self, inputs=None, **kwargs):
+    def generate(self, inputs=None, *args, **kwargs):
         """The stock ``generate``; with FastV, each row's ranking token is the last one of its prompt in every step
         (so generating without a cache ranks as the prefill of a cached generation does)."""
         prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if (self.config.shortv_prune or {}).get("method") == "fastv" and prompt is not None:
             kwargs.setdefault("shortv_rank_positions", last_positions(prompt, kwargs.get("attention_mask")))
-        return super().generate(inputs, **kwargs)
+        return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, shortv_rank_positions=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
