@@ -14,8 +14,15 @@ A frozen layer attends with the mask the stock text model gives that layer's tex
 window for Mistral and the sliding layers of Qwen2 and Gemma 3), and rotates its text queries with the cos/sin
 the stock text model computed for those rows (1-D RoPE, or Qwen2-VL's multimodal RoPE alike). Text models:
 Llama, Mistral, Qwen2, Gemma 3 and the Qwen2-VL / Qwen2.5-VL / Qwen3-VL text models. With ``shortv_layers=[]``
-the model is the stock one. Runs on transformers 5.23 (cache argument ``past_key_values``) and 5.24+
-(``cache``); ``config.shortv_transformers`` records the versions it was checked on.
+the model is the stock one.
+
+Token pruning (``config.shortv_prune``, see ``TokenPruning``): FastV (K, R) removes, from layer K on, the share R
+of each prompt's visual tokens that its last prompt token attends to least in layer K-1; VTW (K) removes them all.
+The pruned layers run on the kept rows at their original positions and cache only them; ShortV layers among them
+freeze the kept visual rows; decode steps attend to what each layer's cache holds.
+
+Runs on transformers 5.23 (cache argument ``past_key_values``) and 5.24+ (``cache``); ``config.shortv_transformers``
+records the versions it was checked on.
 """
 
 import functools
