@@ -277,3 +277,24 @@ def test_dry_run_and_target_flops_count_the_pruning():
     pruned_n = _cli(tiny_dir("llava"), "--target-flops", "0.6", "--fastv", "2:0.5", "--dry-run").output
     n_of = lambda output: int(re.search(r"freeze the (\d+) lowest-LC layers", output)[1])  # noqa: E731
     assert n_of(pruned_n) < n_of(plain_n)
+
+
+@pytest.mark.parametrize("prune", ["2:0.5", "vtw"])
+def test_verify_catches_a_pruned_checkpoint_whose_decode_steps_see_the_wrong_keys(tmp_path, prune):
+    """The verify stage's cache check (a padded batch, cached vs uncached) holds for pruned checkpoints: decode
+    steps that attend to the padding slots of the pruned layers' cache (rows keep different counts) fail it."""
+    from shortv_export import verify
+
+    out = tmp_path / "out"
+    flag = ["--fastv", prune] if prune != "vtw" else ["--vtw", "3"]
+    result = _cli(tiny_dir("llava"), "--layers", "4,1", *flag, "--out", out, "--no-verify")
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "config.json").read_text())["shortv_prune"]
+    figures = verify.verify_folder(out, tiny_dir("llava"), [4, 1], prune=written)
+    assert figures["generate_max_abs_logits_diff_cached_vs_uncached"] <= figures["generate_cache_tolerance"]
+    code = (out / "modeling_shortv.py").read_text()
+    good = "seen = torch.cat([kept.ok[:, None, :].expand(-1, n_new, -1), tail], dim=-1)"
+    assert good in code
+    (out / "modeling_shortv.py").write_text(code.replace(good, good.replace("kept.ok[", "torch.ones_like(kept.ok)[")))
+    with pytest.raises(verify.ShortVError, match="the cache is wrong"):
+        verify.verify_folder(out, tiny_dir("llava"), [4, 1], prune=written)
