@@ -631,7 +631,7 @@ def _calibrate(source, out, calibration: CalibrationOptions, n, progress, say, p
                 f"top-1 agreement {lc.fidelity['top1_agreement']:.1%} is below --min-agreement {floor:.0%}: "
                 "looking for the largest N that stays above it"
             )
-            lc.fidelity.update(_largest_n_above(lc.order, len(layers), agreement, floor))
+            lc.fidelity.update(_largest_n_above(lc.order, len(layers), agreement, floor, bool(prune)))
     return lc
 
 
@@ -644,10 +644,10 @@ def _check_finite(values: list[float]) -> None:
         )
 
 
-def _largest_n_above(order: list[int], n_bad: int, agreement, floor: float) -> dict[str, Any]:
+def _largest_n_above(order: list[int], n_bad: int, agreement, floor: float, pruned: bool = False) -> dict[str, Any]:
     """The largest N < ``n_bad`` whose top-1 agreement is >= ``floor``, by bisection over the LC order (a few
-    fidelity passes; agreement falls with N, though not strictly)."""
-    good, good_share, bad = 0, 1.0, n_bad
+    fidelity passes; agreement falls with N, though not strictly). N = 0 agrees fully, unless tokens are pruned."""
+    good, good_share, bad = 0, agreement([])["top1_agreement"] if pruned else 1.0, n_bad
     while bad - good > 1:
         mid = (good + bad) // 2
         share = agreement(order[:mid])["top1_agreement"]

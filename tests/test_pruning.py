@@ -298,3 +298,14 @@ def test_verify_catches_a_pruned_checkpoint_whose_decode_steps_see_the_wrong_key
     (out / "modeling_shortv.py").write_text(code.replace(good, good.replace("kept.ok[", "torch.ones_like(kept.ok)[")))
     with pytest.raises(verify.ShortVError, match="the cache is wrong"):
         verify.verify_folder(out, tiny_dir("llava"), [4, 1], prune=written)
+
+
+def test_the_min_agreement_search_measures_n0_when_tokens_are_pruned(tmp_path):
+    """With pruning, N = 0 is not the base model: the search reports what it measured there, not 100%."""
+    out = tmp_path / "out"
+    args = ["--n", "3", "--fastv", "2:0.5", "--samples", "8", "--min-agreement", "1.0", "--no-verify", "--out", out]
+    result = _cli(tiny_dir("llava"), *args)
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads((out / "lc.json").read_text())["fidelity"]
+    assert fidelity["top1_agreement"] < 1.0 and fidelity["largest_n_above_min_agreement"] == 0
+    assert fidelity["largest_n_top1_agreement"] < 1.0  # FastV alone already changes some answers here
