@@ -81,8 +81,8 @@ def _rope(x, cos, sin):  # cos, sin: [B, 1, S, head_dim]
 
 
 def _gather_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows ``rows`` [B, T] of ``t`` [B or 1, S, D] (cos or sin of every position): [B, T, D]."""
-    return t.expand(rows.shape[0], -1, -1).gather(1, rows.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+    """Rows ``rows`` [B, T, 1] of ``t`` [B or 1, S, D] (cos or sin of every position): [B, T, D]."""
+    return t.expand(rows.shape[0], -1, -1).gather(1, rows.expand(-1, -1, t.shape[-1]))
 
 
 @dataclass
@@ -107,7 +107,8 @@ class FrozenRows:
         the stock cos/sin of all rows [B or 1, S, head_dim] (whatever RoPE made them: 1-D, M-RoPE, Gemma 3's one per
         attention type) the first time a layer of that type asks, once per forward."""
         if kind not in self._cos_sin:
-            self._cos_sin[kind] = tuple(_gather_rows(t, self.index[..., 0]).unsqueeze(1) for t in position_embeddings)
+            rows = self.index[..., :1]
+            self._cos_sin[kind] = tuple(_gather_rows(t, rows).unsqueeze(1) for t in position_embeddings)
         return self._cos_sin[kind]
 
 
@@ -150,7 +151,8 @@ class PrunedRows:
         """The kept rows' cos, sin [B, A, head_dim], gathered (once per forward) from the stock ones of all rows
         (positions are the original ones)."""
         if self._cos_sin is None:
-            self._cos_sin = tuple(_gather_rows(t, self.index[..., 0]) for t in position_embeddings)
+            rows = self.index[..., :1]
+            self._cos_sin = tuple(_gather_rows(t, rows) for t in position_embeddings)
         return self._cos_sin
 
 
@@ -181,7 +183,7 @@ class TokenPruning:
         at = self.query[:, None, None]
         row = normed.gather(1, at.expand(-1, 1, hidden))
         query = attn.q_proj(row).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-        cos, sin = (_gather_rows(t, self.query[:, None]) for t in position_embeddings)
+        cos, sin = (_gather_rows(t, at) for t in position_embeddings)
         query = _rope(q_norm(query) if q_norm is not None else query, cos.unsqueeze(1), sin.unsqueeze(1))
         scores = torch.matmul(query, repeat_kv(key, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
         seen = torch.arange(seq, device=key.device) <= self.query[:, None]  # causal, as the stock eager map
