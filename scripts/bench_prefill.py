@@ -184,11 +184,33 @@ def bench_torch(model, frozen, inputs, args, device: str, compile_backend: str |
     return result
 
 
-def bench_onnx(model, frozen, inputs, args, workdir: Path) -> dict:
-    """Seconds per prefill of the exported decoder (fp32, CPU), vanilla and ShortV."""
+def onnx_sessions(model, frozen, workdir: Path) -> dict:
+    """The decoder exported (fp32) vanilla and ShortV into ``workdir``: name -> ONNX Runtime CPU session. Exported
+    once per model: the graphs take any batch and length."""
     import onnxruntime as ort
 
     from shortv_export.onnx_export import _export_decoder
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # both sessions live at once (interleaved): an idle one's threads must not spin on the cores the other uses
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    dtype = next(model.parameters()).dtype
+    sessions = {}
+    for name, layers in (("vanilla", []), ("shortv", frozen)):
+        set_frozen(model, layers)
+        folder = workdir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        _export_decoder(model.float(), folder)
+        model.to(dtype)  # the torch rows that follow run in their own dtype
+        path = str(folder / "decoder_model_merged.onnx")
+        sessions[name] = ort.InferenceSession(path, options, ["CPUExecutionProvider"])
+    set_frozen(model, frozen)
+    return sessions
+
+
+def bench_onnx(sessions: dict, model, inputs, args) -> dict:
+    """Seconds per prefill of the exported decoders (`onnx_sessions`), vanilla and ShortV."""
     from shortv_export.onnx_runtime import text_index
 
     ids = inputs["input_ids"].cpu()
@@ -204,21 +226,7 @@ def bench_onnx(model, frozen, inputs, args, workdir: Path) -> dict:
     }
     empty = np.zeros((ids.shape[0], text.num_key_value_heads, 0, head_dim), np.float32)
     feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(text.num_hidden_layers) for kv in ("key", "value")})
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # both sessions live at once (interleaved): an idle one's threads must not spin on the cores the other uses
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    dtype = next(model.parameters()).dtype
-    arms = {}
-    for name, layers in (("vanilla", []), ("shortv", frozen)):
-        set_frozen(model, layers)
-        folder = workdir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        _export_decoder(model.float(), folder)
-        model.to(dtype)  # the torch rows that follow run in their own dtype
-        session = ort.InferenceSession(str(folder / "decoder_model_merged.onnx"), options, ["CPUExecutionProvider"])
-        arms[name] = (lambda: None, lambda s=session: s.run(["logits"], feeds))
-    set_frozen(model, frozen)
+    arms = {name: (lambda: None, lambda s=session: s.run(["logits"], feeds)) for name, session in sessions.items()}
     return interleaved(arms, args.runs, args.warmup, lambda: None)
 
 
@@ -283,6 +291,8 @@ def main(argv=None):
             start = time.perf_counter()
             model, frozen = build(shape, depth, DTYPES[dtype], args.device)
             built = time.perf_counter() - start
+            workdir = tempfile.TemporaryDirectory()
+            sessions = None  # the ONNX graphs, exported at the first batch
             for batch in batches:
                 inputs = prompts(shape, batch, model, args.device)
                 flops = [
@@ -296,10 +306,11 @@ def main(argv=None):
                     r = bench_torch(model, frozen, inputs, args, args.device, compile_backend)
                     rows.append(dict(cell, backend=f"torch {args.device}", **r))
                 if "onnx" in backends and not cuda:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        r = bench_onnx(model, frozen, inputs, args, Path(tmp))
+                    sessions = sessions or onnx_sessions(model, frozen, Path(workdir.name))
+                    r = bench_onnx(sessions, model, inputs, args)
                     rows.append(dict(cell, backend="onnxruntime cpu", dtype="fp32", **r))
-            del model
+            del model, sessions
+            workdir.cleanup()
             if cuda:
                 torch.cuda.empty_cache()
     print()
