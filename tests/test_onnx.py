@@ -392,7 +392,9 @@ def test_weight_only_quantization_of_the_decoder(exported, tmp_path, scheme, bit
     graph = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"))
     ops = [n.op_type for n in graph.graph.node]
     assert (
-        q["scheme"] == scheme and q["bits"] == bits and q["quantized_matmuls"] == ops.count("MatMulNBits") == LAYERS * 7 + 1
+        q["scheme"] == scheme
+        and q["bits"] == bits
+        and q["quantized_matmuls"] == ops.count("MatMulNBits") == LAYERS * 7 + 1
     )
     assert ops.count("MatMul") == 2 * LAYERS  # what is left: the attention products (scores, weighted sum) per layer
     assert q["decoder_bytes_after"] < q["decoder_bytes_before"] and q["samples"] == 16
