@@ -168,12 +168,28 @@ class TokenPruning:
     visual: torch.Tensor  # [B, S] visual rows
     padding: torch.Tensor | None  # [B, S] True on real tokens; None: no padding
     query: torch.Tensor  # [B] each row's last prompt token
-    n_visual: int  # visual rows in all (the count a batch of one uses, known on the host)
+    n_visual: int | None  # visual rows in all, known on the host (a batch of one uses it); None: not known
     frozen_layers: frozenset[int]
     language_model: nn.Module
     rows: PrunedRows | None = None
 
     def rank(self, layer: nn.Module, hidden_states, position_embeddings) -> None:
+        self.rows = self.pruned_rows(*self.keep(self.attention_weights(layer, hidden_states, position_embeddings)))
+
+    def keep(self, weights: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """[B, S] True on the rows kept from ``layer`` on (text, and the visual rows ``weights`` rank highest), and
+        how many visual rows a batch of one keeps (None for a batch, or where ``n_visual`` is not known)."""
+        order = weights.masked_fill(~self.visual, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        batch, seq = order.shape
+        if batch == 1 and self.n_visual is not None:
+            n_kept = round((1 - self.ratio) * self.n_visual)
+            return (~self.visual).scatter(1, order[:, :n_kept], True), n_kept
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(seq, device=order.device).expand(batch, -1))
+        return ~self.visual | (ranks < torch.round((1 - self.ratio) * self.visual.sum(1, keepdim=True))), None
+
+    def attention_weights(self, layer: nn.Module, hidden_states, position_embeddings) -> torch.Tensor:
+        """[B, S]: the attention each row's ``query`` position pays every position in ``layer`` (called on the
+        layer's input), after softmax, averaged over heads."""
         attn = layer.self_attn
         batch, seq, hidden = hidden_states.shape
         normed = layer.input_layernorm(hidden_states)
@@ -190,16 +206,7 @@ class TokenPruning:
         if self.padding is not None:
             seen = seen & self.padding
         scores = scores + _additive(seen[:, None, None, :], scores.dtype)
-        weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).mean(1)[:, 0]
-        order = weights.masked_fill(~self.visual, float("-inf")).sort(dim=1, descending=True, stable=True).indices
-        if batch == 1:
-            n_kept = round((1 - self.ratio) * self.n_visual)
-            keep = (~self.visual).scatter(1, order[:, :n_kept], True)
-        else:
-            n_kept = None
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(seq, device=order.device).expand(batch, -1))
-            keep = ~self.visual | (ranks < torch.round((1 - self.ratio) * self.visual.sum(1, keepdim=True)))
-        self.rows = self.pruned_rows(keep, n_kept)
+        return nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype).mean(1)[:, 0]
 
     def pruned_rows(self, keep: torch.Tensor, n_kept: int | None) -> PrunedRows:
         """The ``PrunedRows`` of a prefill that keeps the ``keep`` [B, S] rows (``n_kept`` visual ones, known on

@@ -30,6 +30,7 @@ class Family:
     typical_visual_tokens: Callable[[Any], int]  # visual tokens of one typical image, from the stock config
     onnx: str | None = None  # ONNX export kind: "llava" (one image tensor), "tiled" (tiles + pixel masks),
     # "mrope" (Qwen-VL patches + grid, 3-D positions); None: --onnx is refused
+    onnx_prune: bool = False  # its ONNX export takes --fastv / --vtw (the pruning in the decoder graph, tested)
     video_processor: bool = False  # its processor has a video processor (needs torchvision to load)
     torchvision: bool = False  # its stock processor does not load without torchvision (a video processor, Pixtral)
     nested_images: bool = False  # its processor takes a list of images per prompt
@@ -95,6 +96,7 @@ FAMILIES: dict[str, Family] = {
             visual_tokens=IMAGE,
             typical_visual_tokens=_fixed,
             onnx="llava",
+            onnx_prune=True,
         ),
         Family(
             "llava_next",
@@ -138,6 +140,7 @@ FAMILIES: dict[str, Family] = {
             visual_tokens=IMAGE_VIDEO,
             typical_visual_tokens=_qwen_vl,
             onnx="mrope",
+            onnx_prune=True,
             video_processor=True,
             torchvision=True,
         ),

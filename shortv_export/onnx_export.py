@@ -223,6 +223,10 @@ class _Decoder(nn.Module):
         }
 
     def forward(self, inputs_embeds, attention_mask, position_ids, text_index, *past):
+        return self.run(inputs_embeds, attention_mask, position_ids, text_index, past)
+
+    def run(self, inputs_embeds, attention_mask, position_ids, text_index, past, **layer_kwargs):
+        """(logits, hidden, *presents); ``layer_kwargs`` go to every decoder layer (the token pruning)."""
         from transformers import DynamicCache
 
         from .compat import output_cache
@@ -245,7 +249,7 @@ class _Decoder(nn.Module):
 
         queries = torch.arange(seq, device=keys.device) + (total - seq)  # absolute index of each new position
         masks = {kind: mask(queries, window) for kind, window in self.windows.items()}
-        kwargs = {}
+        kwargs = dict(layer_kwargs)
         if self.frozen:  # the rows of those masks for the text queries, built directly (no [S, K] gather)
             text_masks = {kind: mask(text_index + (total - seq), window) for kind, window in self.windows.items()}
             # short rows repeat a text position: the same value is scattered twice, no validity flags needed
@@ -262,6 +266,47 @@ class _Decoder(nn.Module):
         logits = self.lm_head(hidden[:, -1:])
         presents = [t for layer in output_cache(out).layers for t in (layer.keys, layer.values)]
         return (logits, hidden, *presents)
+
+
+class _PrunedDecoder(_Decoder):
+    """The decoder with FastV or VTW (``config.shortv_prune``) from layer K: ``visual_mask`` [batch, seq] marks the
+    new rows' visual tokens, ``kept_valid`` [batch, kept] the slots of each row's kept rows (`onnx_pruning`),
+    ``pruned_past_mask`` [batch, pruned_past] which keys the layers from K on hold from earlier calls may be
+    attended to; the graph returns that mask for the next call (``pruned_mask``) after the logits and hidden
+    states. The presents of layers from K on hold the kept rows only."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.prune = dict(model.config.shortv_prune)
+
+    def forward(
+        self, inputs_embeds, attention_mask, position_ids, text_index, visual_mask, kept_valid, pruned_past_mask, *past
+    ):
+        from .modeling.modeling_shortv import last_positions
+        from .onnx_pruning import GraphPruning
+
+        layer = self.prune["layer"]
+        padding = attention_mask[:, -inputs_embeds.shape[1] :].bool()
+        pruning = GraphPruning(
+            layer=layer,
+            ratio=self.prune.get("ratio"),
+            visual=visual_mask,
+            padding=padding,
+            query=last_positions(visual_mask, padding),
+            n_visual=None,
+            frozen_layers=frozenset(i for i in self.frozen if i >= layer),
+            language_model=self.lm,
+            kept_valid=kept_valid,
+            past_ok=pruned_past_mask.bool(),
+            positions=position_ids,
+            text=text_index,
+        )
+        if pruning.ratio is None:  # VTW: every visual row goes, no ranking
+            pruning.rows = pruning.pruned_rows(~visual_mask)
+        logits, hidden, *presents = self.run(
+            inputs_embeds, attention_mask, position_ids, text_index, past, shortv_pruning=pruning
+        )
+        return (logits, hidden, torch.cat([pruned_past_mask, pruning.ok.long()], dim=1), *presents)
 
 
 @dataclass
@@ -406,6 +451,7 @@ def _runner_config(model, kind) -> dict:
         "head_dim": _head_dim(text),
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
+        "shortv_prune": getattr(config, "shortv_prune", None),
     }
     if FAMILIES[kind].onnx == "mrope":
         vision = config.vision_config
@@ -584,7 +630,9 @@ _TEXT_INDEX_DOC = (
 )
 
 
-def _decoder_graph(config, dtype: str, num_layers: int, mrope: bool) -> Graph:
+def _decoder_graph(config, dtype: str, num_layers: int, mrope: bool, prune: dict | None = None) -> Graph:
+    """The decoder's inputs and outputs; with ``prune`` (FastV / VTW from layer K) also the visual mask in, the
+    pruned layers' key mask in and out, and those layers' cache at its own length."""
     text = config.text_config
     hidden, heads, head_dim = text.hidden_size, text.num_key_value_heads, _head_dim(text)
     if mrope:
@@ -593,6 +641,24 @@ def _decoder_graph(config, dtype: str, num_layers: int, mrope: bool) -> Graph:
     else:
         positions = GraphIO("position_ids", ("batch", "seq"), "int64", "cumsum(attention_mask) - 1")
     mask_doc = "1 = attend, 0 = padding"
+    past = per_layer(GraphIO("past_key_values.{i}.{kv}", ("batch", heads, "past", head_dim), dtype), num_layers)
+    present = per_layer(GraphIO("present.{i}.{kv}", ("batch", heads, "past + seq", head_dim), dtype), num_layers)
+    pruning_in, pruning_out = [], []
+    if prune:
+        first = 2 * prune["layer"]
+        pruned_past, pruned_total = (
+            ("batch", heads, "pruned_past", head_dim),
+            ("batch", heads, "pruned_past + kept", head_dim),
+        )
+        past[first:] = [replace(io, shape=pruned_past) for io in past[first:]]
+        present[first:] = [replace(io, shape=pruned_total) for io in present[first:]]
+        pruning_in = [
+            GraphIO("visual_mask", ("batch", "seq"), "bool", _VISUAL_MASK_DOC),
+            GraphIO("kept_valid", ("batch", "kept"), "bool", _KEPT_VALID_DOC),
+            GraphIO("pruned_past_mask", ("batch", "pruned_past"), "int64", _PRUNED_MASK_DOC),
+        ]
+        doc = "pruned_past_mask for the next call: the kept rows' entries appended (kept: this call's kept rows)"
+        pruning_out = [GraphIO("pruned_mask", ("batch", "pruned_past + kept"), "int64", doc)]
     return Graph(
         "decoder",
         GRAPHS[2],
@@ -601,14 +667,32 @@ def _decoder_graph(config, dtype: str, num_layers: int, mrope: bool) -> Graph:
             GraphIO("attention_mask", ("batch", "past + seq"), "int64", mask_doc, graph_names={1: "total"}),
             positions,
             GraphIO("text_index", ("batch", "text"), "int64", _TEXT_INDEX_DOC),
-            *per_layer(GraphIO("past_key_values.{i}.{kv}", ("batch", heads, "past", head_dim), dtype), num_layers),
+            *pruning_in,
+            *past,
         ),
         outputs=(
             GraphIO("logits", ("batch", 1, text.vocab_size), dtype, "last position only"),
             GraphIO("last_hidden_state", ("batch", "seq", hidden), dtype, "after the norm"),
-            *per_layer(GraphIO("present.{i}.{kv}", ("batch", heads, "past + seq", head_dim), dtype), num_layers),
+            *pruning_out,
+            *present,
         ),
     )
+
+
+_VISUAL_MASK_DOC = (
+    "True on the rows of image tokens: FastV ranks them by the attention of each row's last token in layer K-1 and "
+    "keeps the highest from layer K on; VTW removes them all there. Decode: all False"
+)
+_KEPT_VALID_DOC = (
+    "True on each row's first T + k slots, padded with False to the widest row: T its text (and padding) tokens, k "
+    "the image tokens it keeps, round((1 - R) x its image tokens) in float32 (half to even) for FastV, 0 for VTW. "
+    "The graph ranks which image tokens; this gives how many, and its width sizes the pruned layers' rows. Decode: "
+    "all True"
+)
+_PRUNED_MASK_DOC = (
+    "1 = attend: the keys that the layers from K on hold from earlier calls (their past is the kept rows only, "
+    "padded per row); the previous call's pruned_mask. Prefill: [batch, 0]"
+)
 
 
 def _export_vision(model, out: Path) -> dict:
@@ -659,7 +743,8 @@ def _export_embed(model, out: Path) -> dict:
 
 
 def _export_decoder(model, out: Path) -> dict:
-    module = _Decoder(model)
+    prune = getattr(model.config, "shortv_prune", None)
+    module = _PrunedDecoder(model) if prune else _Decoder(model)
     text = model.config.text_config
     dtype = next(model.parameters()).dtype
     batch, past, seq = 2, 3, 7  # no 0 or 1: those sizes would be specialised
@@ -672,12 +757,21 @@ def _export_decoder(model, out: Path) -> dict:
     text_index = torch.tensor([[0, 1, 4, 5, 6], [0, 3, 4, 6, 6]])
     cache_shape = (batch, text.num_key_value_heads, past, _head_dim(text))
     caches = [torch.randn(*cache_shape, dtype=dtype) for _ in range(2 * module.num_layers)]
-    graph = _decoder_graph(model.config, _name(dtype), module.num_layers, mrope)
-    # The axes named once for all inputs: tracing then has 4 symbols where free axes would start with one per
+    pruned = []
+    if prune:  # the rows text_index leaves out are visual; the pruned layers hold 2 keys from before
+        visual = torch.ones(batch, seq, dtype=torch.bool).scatter(1, text_index, False)
+        kept = torch.tensor([[True] * 6, [True] * 6])  # 5 + 1 and 4 + 2 kept rows (FastV at 50%)
+        if prune["method"] == "vtw":
+            kept = torch.tensor([[True] * 5, [True] * 4 + [False]])
+        pruned = [visual, kept, torch.ones(batch, 2, dtype=torch.long)]
+        for i in range(2 * prune["layer"], len(caches)):
+            caches[i] = caches[i][:, :, :2].contiguous()
+    graph = _decoder_graph(model.config, _name(dtype), module.num_layers, mrope, prune)
+    # The axes named once for all inputs: tracing then has a few symbols where free axes would start with one per
     # tensor dimension, to be unified by guards (a third of the export time of a tiny model)
-    dims = {"batch": 1, "seq": 1, "past": 0, "text": 0}
+    dims = {"batch": 1, "seq": 1, "past": 0, "text": 0, "kept": 1, "pruned_past": 0}
     dims = {name: torch.export.Dim(name, min=low) for name, low in dims.items()}
-    _export(module, (embeds, attention, positions, text_index, *caches), out, graph, dims)
+    _export(module, (embeds, attention, positions, text_index, *pruned, *caches), out, graph, dims)
     return graph.spec()
 
 

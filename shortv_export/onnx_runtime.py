@@ -163,13 +163,31 @@ class ShortVOnnxModel:
             position_ids = rope_index(types, attention_mask, grid, self.spec["spatial_merge_size"])
         else:
             position_ids = np.where(attention_mask == 0, 0, np.cumsum(attention_mask, axis=1) - 1)
-        return {
+        feeds = {
             "inputs_embeds": embeds,
             "attention_mask": attention_mask,
             "position_ids": position_ids.astype(np.int64),
             "text_index": text_index(visual),
-            **self.empty_cache(batch),
         }
+        prune = self.spec.get("shortv_prune")
+        if prune:  # FastV / VTW: which rows are visual, how many each keeps; the pruned layers hold nothing yet
+            feeds.update(visual_mask=visual, kept_valid=kept_slots(visual, prune.get("ratio")))
+            feeds["pruned_past_mask"] = np.zeros((batch, 0), np.int64)
+        return feeds | self.empty_cache(batch)
+
+    def step_inputs(self, embeds, attention_mask, position_ids, cache: dict) -> dict:
+        """The decoder's feeds for a decode step: new (text) tokens' ``embeds`` after the feeds ``cache`` that the
+        previous call returned (`decode`)."""
+        batch, seq = embeds.shape[:2]
+        feeds = {
+            "inputs_embeds": embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "text_index": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(),
+        }
+        if self.spec.get("shortv_prune"):  # every new token is text, and kept
+            feeds.update(visual_mask=np.zeros((batch, seq), bool), kept_valid=np.ones((batch, seq), bool))
+        return feeds | cache
 
     def empty_cache(self, batch: int) -> dict:
         spec = self.spec
@@ -183,12 +201,7 @@ class ShortVOnnxModel:
         device (``.numpy()`` copies one to the host) and the hidden states are left there (None)."""
         if not self.io_binding:
             outputs = self.decoder.run(None, feeds)
-            cache = {
-                name.replace("present", "past_key_values"): value
-                for name, value in zip(self._decoder_outputs, outputs, strict=True)
-                if name.startswith("present.")
-            }
-            return outputs[0][:, -1], outputs[1], cache
+            return outputs[0][:, -1], outputs[1], _next_feeds(self._decoder_outputs, outputs)
         binding = self.decoder.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
@@ -200,12 +213,7 @@ class ShortVOnnxModel:
             binding.bind_output(name, self.device)
         self.decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        cache = {
-            name.replace("present", "past_key_values"): value
-            for name, value in zip(self._decoder_outputs, outputs, strict=True)
-            if name.startswith("present.")
-        }
-        return outputs[0].numpy()[:, -1], None, cache
+        return outputs[0].numpy()[:, -1], None, _next_feeds(self._decoder_outputs, outputs)
 
     # -- generation ------------------------------------------------------------------------------------------
 
@@ -275,14 +283,20 @@ class ShortVOnnxModel:
             mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
             positions = positions + 1
             (embeds,) = self.embed.run(None, {"input_ids": token[:, None]})
-            feeds = {
-                "inputs_embeds": embeds,
-                "attention_mask": mask,
-                "position_ids": positions,
-                "text_index": np.zeros((len(ids), 1), np.int64),
-                **cache,
-            }
+            feeds = self.step_inputs(embeds, mask, positions, cache)
         return ids
+
+
+def _next_feeds(names: list[str], outputs: list) -> dict:
+    """The outputs of a decoder call that the next call takes back: ``present.*`` as ``past_key_values.*`` and,
+    with token pruning, ``pruned_mask`` as ``pruned_past_mask``."""
+    feeds = {}
+    for name, value in zip(names, outputs, strict=True):
+        if name.startswith("present."):
+            feeds[name.replace("present", "past_key_values")] = value
+        elif name == "pruned_mask":
+            feeds["pruned_past_mask"] = value
+    return feeds
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature=1.0, top_k=None, top_p=None) -> np.ndarray:
@@ -349,6 +363,17 @@ def text_index(visual: np.ndarray) -> np.ndarray:
 
 
 # -- Qwen2-VL / Qwen2.5-VL's vision inputs and M-RoPE positions, as transformers computes them, in numpy -------
+
+
+def kept_slots(visual: np.ndarray, ratio: float | None) -> np.ndarray:
+    """The pruned decoder's ``kept_valid`` [B, A]: True on each row's first T + k slots (T its non-image tokens, k
+    the image tokens FastV keeps, round((1 - ratio) x n) in float32, half to even, as the model file counts them;
+    VTW, ``ratio`` None: 0), padded with False to the widest row."""
+    n = visual.sum(1)
+    kept = (~visual).sum(1)
+    if ratio is not None:
+        kept = kept + np.round(np.float32(1 - ratio) * n.astype(np.float32)).astype(np.int64)
+    return np.arange(int(kept.max())) < kept[:, None]
 
 
 def qwen_vision_inputs(grid, merge: int, window: int | None, patch: int) -> dict[str, np.ndarray]:

@@ -56,6 +56,9 @@ def torch_reference(model, inputs: dict, steps: int = DECODE_STEPS) -> dict[str,
     for i, layer in enumerate(cache.layers):
         ref[f"present.{i}.key"] = layer.keys.float().cpu().numpy()
         ref[f"present.{i}.value"] = layer.values.float().cpu().numpy()
+    kept = getattr(cache, "shortv_kept", None)  # token pruning: which cached prompt keys the pruned layers attend to
+    if kept is not None:
+        ref["pruned_mask"] = kept.ok.cpu().numpy()
     tokens, logits = [out.logits[:, -1].argmax(-1)], []
     position = None if mrope else positions[:, -1:]
     for _ in range(steps):
@@ -98,6 +101,17 @@ def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str
     dtype = runner.spec["dtype"]
     diff = lambda a, b: float(np.abs(np.asarray(a, np.float32) - b).max())  # noqa: E731
     presents = [name for name in reference if name.startswith("present.")]
+    problems = []
+    pruned_from = (runner.spec.get("shortv_prune") or {}).get("layer")
+    if pruned_from is not None:  # the kept rows: the same in both, else the pruned layers' caches do not compare
+        kept = np.asarray(cache["pruned_past_mask"]).astype(bool)
+        if kept.shape != reference["pruned_mask"].shape or not (kept == reference["pruned_mask"]).all():
+            problems.append("the tokens the pruned layers keep differ")
+            presents = [n for n in presents if int(n.split(".")[1]) < pruned_from]
+
+    def valid_keys(name):  # the layers from the pruned one on cache the kept rows only
+        return valid if pruned_from is None or int(name.split(".")[1]) < pruned_from else reference["pruned_mask"]
+
     figures = {
         "samples": int(valid.shape[0]),
         "tokens": int(valid.sum()),
@@ -105,7 +119,7 @@ def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str
         "max_abs_logits_diff": diff(logits, reference["logits"]),
         "max_abs_hidden_diff": float(np.abs(hidden.astype(np.float32) - reference["hidden"])[valid].max()),
         "max_abs_present_diff": max(
-            cache_diff(cache[n.replace("present", "past_key_values")], reference[n], valid) for n in presents
+            cache_diff(cache[n.replace("present", "past_key_values")], reference[n], valid_keys(n)) for n in presents
         ),
     }
     tokens = reference["tokens"]
@@ -115,14 +129,7 @@ def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str
         mask = np.concatenate([mask, np.ones((len(mask), 1), np.int64)], axis=1)
         position = position + 1
         (embeds,) = runner.embed.run(None, {"input_ids": tokens[:, step : step + 1]})
-        step_feeds = {
-            "inputs_embeds": embeds,
-            "attention_mask": mask,
-            "position_ids": position,
-            "text_index": np.zeros((len(mask), 1), np.int64),
-            **cache,
-        }
-        logits, _, cache = runner.decode(step_feeds)
+        logits, _, cache = runner.decode(runner.step_inputs(embeds, mask, position, cache))
         decode_diffs.append(diff(logits, reference["decode_logits"][step]))
         agree.append(bool((logits.argmax(-1) == tokens[:, step + 1]).all()))
     scale = float(max(np.abs(reference["logits"]).max(), np.abs(reference["decode_logits"]).max())) or 1.0
@@ -134,7 +141,6 @@ def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str
         tolerance=TOLERANCE[dtype] * scale,
         present_tolerance=TOLERANCE[dtype] * cache_scale,
     )
-    problems = []
     worst = max(figures["max_abs_logits_diff"], figures["max_abs_decode_logits_diff"])
     if not worst <= figures["tolerance"]:  # also catches NaN
         problems.append(f"max |logits diff| {worst:.3g} > tolerance {figures['tolerance']:.3g}")

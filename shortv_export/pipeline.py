@@ -244,7 +244,8 @@ def parse_prune(fastv: str | None, vtw: int | None) -> dict | None:
 
 
 def _check_prune(prune: dict, source, onnx: bool) -> None:
-    """What token pruning needs of the model: K in range, full attention from layer K-1 on, no --onnx yet."""
+    """What token pruning needs of the model: K in range, full attention from layer K-1 on, a family whose ONNX
+    export prunes tokens with --onnx."""
     from .modeling.configuration_shortv import check_prune
     from .modeling.modeling_shortv import attention_types
 
@@ -262,8 +263,12 @@ def _check_prune(prune: dict, source, onnx: bool) -> None:
             f"{flag}: layers {sliding} of {source.model_id} attend in a sliding window; token pruning supports "
             f"text models with full attention from layer {first} on"
         )
-    if onnx:
-        raise ShortVError(f"--onnx with {flag}: the ONNX export does not prune tokens yet; drop one of them")
+    if onnx and not FAMILIES[source.kind].onnx_prune:
+        supported = ", ".join(f.display for f in FAMILIES.values() if f.onnx_prune)
+        raise ShortVError(
+            f"--onnx with {flag}: the ONNX export prunes tokens for {supported}, not {FAMILIES[source.kind].display}; "
+            "drop one of them"
+        )
 
 
 def _check_environment(options: ConvertOptions, calibration: CalibrationOptions) -> list[str]:

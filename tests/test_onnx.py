@@ -34,20 +34,25 @@ def exported(tmp_path_factory):
     worker: a module-scoped fixture would be rebuilt each time the worker comes back to this file)."""
 
     @cache
-    def make(kind: str, dtype: str = "fp32", text: str = "llama"):
-        """Exported by the CLI (``--onnx``), as a user exports; its output is kept for test_cli_exports_and_answers."""
-        out = tmp_path_factory.mktemp(f"onnx-{kind}-{text}-{dtype}") / "ckpt"
+    def make(kind: str, dtype: str = "fp32", text: str = "llama", prune: str | None = None):
+        """Exported by the CLI (``--onnx``), as a user exports; its output is kept for test_cli_exports_and_answers.
+        ``prune``: "fastv" (``--fastv 2:0.5``) or "vtw" (``--vtw 2``)."""
+        out = tmp_path_factory.mktemp(f"onnx-{kind}-{text}-{dtype}-{prune}") / "ckpt"
         source = tiny_dir(kind, num_layers=LAYERS, text=text)
         args = [str(source), "--layers", ",".join(map(str, FROZEN)), "--onnx", "--onnx-dtype", dtype, "--out", str(out)]
-        result = CliRunner().invoke(main, [*args, "--no-verify"])
+        result = CliRunner().invoke(main, [*args, *PRUNE_ARGS.get(prune, []), "--no-verify"])
         assert result.exit_code == 0, result.output
         spec = json.loads((out / "onnx" / "shortv_onnx.json").read_text())
         report = SimpleNamespace(validation=spec["validation"], cli_output=result.output)
-        model = load_shortv(source, FROZEN, attn_implementation="sdpa").eval()
+        model = load_shortv(source, FROZEN, PRUNE.get(prune), attn_implementation="sdpa").eval()
         return out, model, report
 
     # one cache key however a test names the defaults: exported("llava") is exported("llava", text="llama")
-    return lambda kind, dtype="fp32", text="llama": make(kind, dtype, text)
+    return lambda kind, dtype="fp32", text="llama", prune=None: make(kind, dtype, text, prune)
+
+
+PRUNE_ARGS = {"fastv": ["--fastv", "2:0.5"], "vtw": ["--vtw", "2"]}
+PRUNE = {"fastv": {"method": "fastv", "layer": 2, "ratio": 0.5}, "vtw": {"method": "vtw", "layer": 2}}
 
 
 def _rows(kind):
@@ -191,6 +196,7 @@ def test_text_index_pads_rows_with_their_last_text_position():
         text_index(np.ones((1, 3), dtype=bool))
 
 
+@pytest.mark.xdist_group("onnx-llava-llama-fp16")  # an export of its own
 def test_fp16_export(exported):
     out, model, report = exported("llava", "fp16")
     graph = onnx.load(out / "onnx" / "decoder_model_merged.onnx", load_external_data=False).graph
@@ -371,7 +377,10 @@ def test_generate_stops_at_any_of_several_eos_ids_and_rejects_unknown_arguments(
         runner.generate(**inputs, num_beams=2)
 
 
-@pytest.mark.parametrize("scheme,bits,floor", [("int8", 8, 0.9), ("int4", 4, 0.5)])
+@pytest.mark.parametrize(
+    "scheme,bits,floor",
+    [("int8", 8, 0.9), pytest.param("int4", 4, 0.5, marks=pytest.mark.xdist_group("onnx-llava-int4"))],  # own export
+)
 def test_weight_only_quantization_of_the_decoder(exported, tmp_path, scheme, bits, floor):
     """--onnx-quantize: every projection MatMul of the decoder becomes MatMulNBits; the result is compared with
     the unquantized graph and recorded; the runner generates with it. int4 through the CLI; int8 by the same
@@ -523,3 +532,52 @@ def test_onnx_cli_version():
 
     result = _onnx_cli(["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"shortv-onnx {shortv_export.__version__}"
+
+
+# FastV with a frozen layer on each side of K = 2 (1 before, 3 among the pruned ones); VTW; LLaVA and M-RoPE
+PRUNED = [("llava", "llama", "fastv"), ("qwen2_5_vl", "qwen2", "fastv"), ("llava", "llama", "vtw")]
+
+
+@pytest.mark.parametrize("kind,text,prune", PRUNED, ids=[f"{k}-{p}" for k, _, p in PRUNED])
+def test_pruned_export_caches_the_kept_rows_and_generates_the_pytorch_tokens(exported, kind, text, prune):
+    """--onnx with --fastv / --vtw: the ranking (TopK) and the kept rows are in the decoder graph; on a padded batch
+    whose rows hold different numbers of image tokens, the layers from K on cache only each row's kept rows
+    (padded to the widest row), every present and the kept rows equal PyTorch's, and the runner's greedy tokens
+    are PyTorch's."""
+    out, model, report = exported(kind, text=text, prune=prune)
+    v = report.validation
+    assert v["greedy_tokens_agree"] and v["max_abs_present_diff"] <= v["present_tolerance"]
+    rows = _rows(kind)
+    if kind == "llava":  # two images in the first row: the rows keep different counts
+        rows = [(rows[0][0], [*rows[0][1], image(20, 40, 4)]), rows[1]]
+    inputs = batch(processor_for(out), rows)
+    arrays = {k: v.numpy() for k, v in inputs.items()}
+    runner = ShortVOnnxModel.from_pretrained(out, io_binding=False)
+    feeds = runner.prefill_inputs(**arrays)
+    _, _, cache = runner.decode(feeds)
+    ref = torch_reference(model, inputs, steps=0)
+    n_visual = feeds["visual_mask"].sum(1)
+    assert len(set(n_visual)) == 2  # the rows keep different counts
+    seq = feeds["inputs_embeds"].shape[1]
+    kept = seq - n_visual + (np.round(0.5 * n_visual) if prune == "fastv" else 0)
+    np.testing.assert_array_equal(cache["pruned_past_mask"], ref["pruned_mask"])
+    for i in range(LAYERS):
+        key = cache[f"past_key_values.{i}.key"]
+        assert key.shape[2] == (seq if i < 2 else kept.max()) == ref[f"present.{i}.key"].shape[2]
+        valid = feeds["attention_mask"] if i < 2 else ref["pruned_mask"]
+        assert cache_diff(key, ref[f"present.{i}.key"], valid.astype(bool)) <= 1e-4 * np.abs(key).max()
+    expected = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=None, min_new_tokens=20)
+    got = runner.generate(**arrays, max_new_tokens=20, eos_token_id=[])
+    np.testing.assert_array_equal(got, expected.numpy())
+    with_binding = ShortVOnnxModel.from_pretrained(out).generate(**arrays, max_new_tokens=20, eos_token_id=[])
+    np.testing.assert_array_equal(with_binding, got)
+
+
+@pytest.mark.parametrize("prune", ["fastv"])
+def test_validation_catches_a_pruned_export_that_keeps_other_tokens(exported, prune):
+    out, model, _ = exported("llava", prune=prune)
+    inputs = batch(processor_for(out), _rows("llava"))
+    ref = torch_reference(model, inputs)
+    ref["pruned_mask"] = ref["pruned_mask"][:, ::-1].copy()
+    with pytest.raises(ShortVError, match="the tokens the pruned layers keep differ"):
+        validate_export(ref, inputs, out / "onnx")

@@ -247,13 +247,21 @@ def test_calibration_with_vtw_records_the_fidelity_of_what_is_written(tmp_path):
         (["--fastv", "2:0.5", "--vtw", "3"], "not both"),
         (["--vtw", "6"], r"--vtw: shortv_prune's layer must be in \[1, 6\)"),
         (["--fastv", "0:0.5"], r"--fastv: shortv_prune's layer must be in \[1, 6\)"),
-        (["--fastv", "2:0.5", "--onnx"], "does not prune tokens yet"),
     ],
 )
 def test_pruning_flags_are_checked_before_any_work(tmp_path, args, message):
     result = _cli(tiny_dir("llava"), "--layers", "1", *args, "--out", tmp_path / "out")
     assert result.exit_code == 2 and re.search(message, result.stderr), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_onnx_with_pruning_is_refused_at_once_for_a_family_whose_graph_does_not_prune(tmp_path):
+    result = _cli(tiny_dir("llava_next"), "--layers", "1", "--fastv", "2:0.5", "--onnx", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip() == (
+        "Error: --onnx with --fastv: the ONNX export prunes tokens for LLaVA-1.5, Qwen2.5-VL, not LLaVA-NeXT; drop "
+        "one of them"
+    )
 
 
 def test_a_sliding_window_model_is_refused_by_the_cli(tmp_path):
