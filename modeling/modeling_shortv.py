@@ -179,13 +179,17 @@ class TokenPruning:
     def keep(self, weights: torch.Tensor) -> tuple[torch.Tensor, int | None]:
         """[B, S] True on the rows kept from ``layer`` on (text, and the visual rows ``weights`` rank highest), and
         how many visual rows a batch of one keeps (None for a batch, or where ``n_visual`` is not known)."""
-        order = weights.masked_fill(~self.visual, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        order = self.order(weights.masked_fill(~self.visual, float("-inf")))
         batch, seq = order.shape
         if batch == 1 and self.n_visual is not None:
             n_kept = round((1 - self.ratio) * self.n_visual)
             return (~self.visual).scatter(1, order[:, :n_kept], True), n_kept
         ranks = torch.empty_like(order).scatter_(1, order, torch.arange(seq, device=order.device).expand(batch, -1))
         return ~self.visual | (ranks < torch.round((1 - self.ratio) * self.visual.sum(1, keepdim=True))), None
+
+    def order(self, scores: torch.Tensor) -> torch.Tensor:
+        """[B, S]: each row's positions by descending ``scores``, ties to the earlier position."""
+        return scores.sort(dim=1, descending=True, stable=True).indices
 
     def attention_weights(self, layer: nn.Module, hidden_states, position_embeddings) -> torch.Tensor:
         """[B, S]: the attention each row's ``query`` position pays every position in ``layer`` (called on the
@@ -216,10 +220,8 @@ class TokenPruning:
         ok = self.padding.gather(1, index) if self.padding is not None else torch.ones_like(index, dtype=torch.bool)
         if valid is not None:
             ok = ok & valid
-        seen = torch.ones(n_rows, n_rows, dtype=torch.bool, device=index.device).tril()
-        seen = seen & (ok[:, None, :] | torch.eye(n_rows, dtype=torch.bool, device=index.device))
         dtype = self.language_model.embed_tokens.weight.dtype
-        mask = _additive(seen[:, None], dtype)
+        mask = _additive(seen_among(ok)[:, None], dtype)
         visual = self.visual.gather(1, index)
         frozen = None
         if self.frozen_layers and (n_kept is None or n_kept > 0) and self.ratio is not None:
@@ -236,6 +238,14 @@ class TokenPruning:
             frozen=frozen,
             kept=KeptKeys(keep.shape[1], ok),
         )
+
+
+def seen_among(ok: torch.Tensor) -> torch.Tensor:
+    """[B, A, A]: which of A rows in position order each one sees, causally, where ``ok`` [B, A] (the keys that
+    may be attended to); each row always sees itself."""
+    n_rows, device = ok.shape[1], ok.device
+    eye = torch.eye(n_rows, dtype=torch.bool, device=device)
+    return torch.ones(n_rows, n_rows, dtype=torch.bool, device=device).tril() & (ok[:, None, :] | eye)
 
 
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:

@@ -44,7 +44,7 @@ from torch import nn
 
 from .errors import ShortVError
 from .families import FAMILIES
-from .onnx_runtime import SPEC_FILE, qwen_vision_inputs
+from .onnx_runtime import SPEC_FILE, kept_slots, qwen_vision_inputs
 from .util import first_line, progress_bar
 
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
@@ -760,9 +760,7 @@ def _export_decoder(model, out: Path) -> dict:
     pruned = []
     if prune:  # the rows text_index leaves out are visual; the pruned layers hold 2 keys from before
         visual = torch.ones(batch, seq, dtype=torch.bool).scatter(1, text_index, False)
-        kept = torch.tensor([[True] * 6, [True] * 6])  # 5 + 1 and 4 + 2 kept rows (FastV at 50%)
-        if prune["method"] == "vtw":
-            kept = torch.tensor([[True] * 5, [True] * 4 + [False]])
+        kept = torch.from_numpy(kept_slots(visual.numpy(), prune.get("ratio")))
         pruned = [visual, kept, torch.ones(batch, 2, dtype=torch.long)]
         for i in range(2 * prune["layer"], len(caches)):
             caches[i] = caches[i][:, :, :2].contiguous()

@@ -1,14 +1,13 @@
 """FastV / VTW in the ONNX decoder: the model file's ``TokenPruning`` as one graph runs it, for the prefill and for
 every decode step.
 
-The graph ranks (FastV) exactly as the model file does (its ``attention_weights`` and ``keep``: a stable sort,
+The graph ranks (FastV) exactly as the model file does (its ``attention_weights`` and ``keep``; the stable sort as
 ONNX ``TopK``), then lays the kept rows out as the model file's ``text_index(~keep)`` does: the kept rows first,
 in their original order, each row padded with removed positions up to the widest row's count, so that every
 present holds what PyTorch's cache holds. That count is the one size the graph cannot know from its inputs'
 shapes (torch.export traces no data-dependent size through transformers' attention), so the runner passes it as
-the width of ``kept_valid``. The pruned layers'
-mask also covers the keys they cached in earlier calls (``pruned_past_mask``), so a decode step (one text token,
-kept) runs the same graph.
+the width of ``kept_valid``. The pruned layers' mask also covers the keys they cached in earlier calls
+(``pruned_past_mask``), so a decode step (one text token, kept) runs the same graph.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling.modeling_shortv import PrunedRows, TokenPruning, _additive, text_rows_inputs
+from .modeling.modeling_shortv import PrunedRows, TokenPruning, _additive, seen_among, text_rows_inputs
 
 
 @dataclass
@@ -35,28 +34,23 @@ class GraphPruning(TokenPruning):
     text: torch.Tensor | None = None
     ok: torch.Tensor | None = None
 
-    def keep(self, weights: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """The model file's ``keep`` for a batch, ranked by ``TopK`` over every position (which puts ties at the
-        lower index, as the model file's stable sort does; ONNX has no stable sort)."""
-        batch, seq = weights.shape
-        order = weights.masked_fill(~self.visual, float("-inf")).topk(seq, dim=1).indices
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(seq, device=order.device).expand(batch, -1))
-        return ~self.visual | (ranks < torch.round((1 - self.ratio) * self.visual.sum(1, keepdim=True))), None
+    def order(self, scores: torch.Tensor) -> torch.Tensor:
+        """By ``TopK`` over every position, which puts ties at the lower index as the model file's stable sort does
+        (ONNX has no stable sort)."""
+        return scores.topk(scores.shape[1], dim=1).indices
 
     def pruned_rows(self, keep: torch.Tensor, n_kept: int | None = None) -> PrunedRows:
         # Slot j of a row: its (j+1)-th kept row, or past its count the (j - count + 1)-th removed one (the model
         # file's text_index(~keep) layout), each found by counting (no sort, no size read from the data).
         valid = self.kept_valid
-        slots = torch.arange(valid.shape[1], device=keep.device)
+        width = valid.shape[1]
+        slots = torch.arange(width, device=keep.device)
         count = keep.sum(1, keepdim=True)
         kept_at = (keep.long().cumsum(1)[:, None, :] <= slots[None, :, None]).sum(-1)
         removed_at = ((~keep).long().cumsum(1)[:, None, :] <= (slots - count)[:, :, None]).sum(-1)
         index = torch.where(slots < count, kept_at, removed_at)
         self.ok = valid & self.padding.gather(1, index)
-        width = valid.shape[1]
-        seen = torch.ones(width, width, dtype=torch.bool, device=keep.device).tril()
-        seen = seen & (self.ok[:, None, :] | torch.eye(width, dtype=torch.bool, device=keep.device))
-        seen = torch.cat([self.past_ok[:, None, :].expand(-1, width, -1), seen], dim=-1)
+        seen = torch.cat([self.past_ok[:, None, :].expand(-1, width, -1), seen_among(self.ok)], dim=-1)
         mask = _additive(seen[:, None], self.language_model.embed_tokens.weight.dtype)
         frozen = None
         if self.frozen_layers and self.ratio is not None:  # VTW keeps text rows only: there frozen = stock

@@ -103,14 +103,18 @@ def validate_export(reference: dict, inputs: dict, onnx_dir: Path, provider: str
     presents = [name for name in reference if name.startswith("present.")]
     problems = []
     pruned_from = (runner.spec.get("shortv_prune") or {}).get("layer")
+
+    def pruned(name):  # present.{i}.*: does layer i cache the kept rows only
+        return pruned_from is not None and int(name.split(".")[1]) >= pruned_from
+
     if pruned_from is not None:  # the kept rows: the same in both, else the pruned layers' caches do not compare
         kept = np.asarray(cache["pruned_past_mask"]).astype(bool)
         if kept.shape != reference["pruned_mask"].shape or not (kept == reference["pruned_mask"]).all():
             problems.append("the tokens the pruned layers keep differ")
-            presents = [n for n in presents if int(n.split(".")[1]) < pruned_from]
+            presents = [n for n in presents if not pruned(n)]
 
-    def valid_keys(name):  # the layers from the pruned one on cache the kept rows only
-        return valid if pruned_from is None or int(name.split(".")[1]) < pruned_from else reference["pruned_mask"]
+    def valid_keys(name):
+        return reference["pruned_mask"] if pruned(name) else valid
 
     figures = {
         "samples": int(valid.shape[0]),
