@@ -73,20 +73,22 @@ def processor_for(folder: Path):
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """Under pytest -n --dist loadgroup, the ONNX tests that share one export (test_onnx.py's ``exported``, cached
-    per worker) run on one worker, so no model is exported twice; a test may name its group itself. Those groups
+    per worker) run on one worker, so no model is exported twice; a test may name its group itself (the families
+    sharing one fresh process in test_remote_code.py). Those groups
     run first, the largest first: the short single tests then fill both workers to the end, where a group left for
     last would keep one worker busy minutes after the other is done."""
     groups = {}
     for item in items:
-        if item.module.__name__ == "test_onnx" and "exported" in item.fixturenames:
-            marker = item.get_closest_marker("xdist_group")
-            if marker is None:
-                params = item.callspec.params if hasattr(item, "callspec") else {}
-                group = f"onnx-{params.get('kind', 'llava')}-{params.get('text', 'llama')}"
-                group += f"-{params['prune']}" if params.get("prune") else ""
-                item.add_marker(pytest.mark.xdist_group(group))
-            else:
-                group = marker.kwargs.get("name", marker.args[0] if marker.args else None)
-            groups[item.nodeid] = group
+        marker = item.get_closest_marker("xdist_group")
+        if marker is None and item.module.__name__ == "test_onnx" and "exported" in item.fixturenames:
+            params = item.callspec.params if hasattr(item, "callspec") else {}
+            group = f"onnx-{params.get('kind', 'llava')}-{params.get('text', 'llama')}"
+            group += f"-{params['prune']}" if params.get("prune") else ""
+            item.add_marker(pytest.mark.xdist_group(group))
+        elif marker is not None:
+            group = marker.kwargs.get("name", marker.args[0] if marker.args else None)
+        else:
+            continue
+        groups[item.nodeid] = group
     sizes = Counter(groups.values())
     items.sort(key=lambda item: (item.nodeid not in groups, -sizes[groups.get(item.nodeid)]))  # stable otherwise

@@ -23,8 +23,8 @@ from shortv_export.models import load_shortv
 from shortv_export.onnx_runtime import ShortVOnnxModel, text_index
 from shortv_export.onnx_validate import cache_diff, torch_reference, validate_export
 
-LAYERS = 4  # the exported tiny models: each decoder layer costs the export about 4 s
-FROZEN = [3, 1]
+LAYERS = 3  # the exported tiny models: each decoder layer costs the export about 4 s
+FROZEN = [2, 0]  # the first and the last layer, a dense one between (Qwen2's sliding layers: 2 on; K = 1 below)
 _DIRS = {}
 
 
@@ -36,7 +36,7 @@ def exported(tmp_path_factory):
     @cache
     def make(kind: str, dtype: str = "fp32", text: str = "llama", prune: str | None = None):
         """Exported by the CLI (``--onnx``), as a user exports; its output is kept for test_cli_exports_and_answers.
-        ``prune``: "fastv" (``--fastv 2:0.5``) or "vtw" (``--vtw 2``)."""
+        ``prune``: "fastv" (``--fastv 1:0.5``) or "vtw" (``--vtw 1``)."""
         out = tmp_path_factory.mktemp(f"onnx-{kind}-{text}-{dtype}-{prune}") / "ckpt"
         source = tiny_dir(kind, num_layers=LAYERS, text=text)
         args = [str(source), "--layers", ",".join(map(str, FROZEN)), "--onnx", "--onnx-dtype", dtype, "--out", str(out)]
@@ -51,8 +51,9 @@ def exported(tmp_path_factory):
     return lambda kind, dtype="fp32", text="llama", prune=None: make(kind, dtype, text, prune)
 
 
-PRUNE_ARGS = {"fastv": ["--fastv", "2:0.5"], "vtw": ["--vtw", "2"]}
-PRUNE = {"fastv": {"method": "fastv", "layer": 2, "ratio": 0.5}, "vtw": {"method": "vtw", "layer": 2}}
+K = 1  # the pruned layers: a dense one, then a frozen one; ranked by a frozen layer's attention
+PRUNE_ARGS = {"fastv": ["--fastv", f"{K}:0.5"], "vtw": ["--vtw", str(K)]}
+PRUNE = {"fastv": {"method": "fastv", "layer": K, "ratio": 0.5}, "vtw": {"method": "vtw", "layer": K}}
 
 
 def _rows(kind):
@@ -306,7 +307,7 @@ def test_validation_fails_on_a_wrong_kv_cache(exported):
     out, model, _ = exported("llava")
     inputs = batch(AutoProcessor.from_pretrained(out, trust_remote_code=True), _rows("llava"))
     ref = torch_reference(model, inputs)
-    ref["present.3.key"] = ref["present.3.key"] + 1.0  # a frozen layer's keys
+    ref[f"present.{FROZEN[0]}.key"] = ref[f"present.{FROZEN[0]}.key"] + 1.0  # a frozen layer's keys
     with pytest.raises(ShortVError, match="KV cache diff"):
         validate_export(ref, inputs, out / "onnx")
 
@@ -387,7 +388,8 @@ def test_weight_only_quantization_of_the_decoder(exported, tmp_path, scheme, bit
     function on a copy of the shared export (one export fewer)."""
     out = tmp_path / "ckpt"
     if scheme == "int4":
-        args = [str(tiny_dir("llava", num_layers=LAYERS)), "--layers", "3,1", "--onnx", "--onnx-quantize", scheme]
+        args = [str(tiny_dir("llava", num_layers=LAYERS)), "--layers", ",".join(map(str, FROZEN)), "--onnx"]
+        args += ["--onnx-quantize", scheme]
         args += ["--out", str(out)]
         result = CliRunner().invoke(main, [*args, "-q", "--no-verify"])
         assert result.exit_code == 0, result.output
@@ -534,7 +536,7 @@ def test_onnx_cli_version():
     assert result.exit_code == 0 and result.output.strip() == f"shortv-onnx {shortv_export.__version__}"
 
 
-# FastV with a frozen layer on each side of K = 2 (1 before, 3 among the pruned ones); VTW; LLaVA and M-RoPE
+# FastV with a frozen layer on each side of K = 1 (0 before, 2 among the pruned ones); VTW; LLaVA and M-RoPE
 PRUNED = [("llava", "llama", "fastv"), ("qwen2_5_vl", "qwen2", "fastv"), ("llava", "llama", "vtw")]
 
 
@@ -563,8 +565,8 @@ def test_pruned_export_caches_the_kept_rows_and_generates_the_pytorch_tokens(exp
     np.testing.assert_array_equal(cache["pruned_past_mask"], ref["pruned_mask"])
     for i in range(LAYERS):
         key = cache[f"past_key_values.{i}.key"]
-        assert key.shape[2] == (seq if i < 2 else kept.max()) == ref[f"present.{i}.key"].shape[2]
-        valid = feeds["attention_mask"] if i < 2 else ref["pruned_mask"]
+        assert key.shape[2] == (seq if i < K else kept.max()) == ref[f"present.{i}.key"].shape[2]
+        valid = feeds["attention_mask"] if i < K else ref["pruned_mask"]
         assert cache_diff(key, ref[f"present.{i}.key"], valid.astype(bool)) <= 1e-4 * np.abs(key).max()
     expected = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=None, min_new_tokens=20)
     got = runner.generate(**arrays, max_new_tokens=20, eos_token_id=[])

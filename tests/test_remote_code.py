@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import cache
 
 import pytest
 import torch
@@ -26,37 +27,41 @@ USER_SCRIPT = r"""
 import json, sys
 sys.modules["shortv_export"] = None  # neither this project's package nor its modeling/ may be imported
 sys.modules["modeling"] = None
-if sys.argv[2] == "alone":
+if sys.argv[1] == "alone":
     sys.modules["torchvision"] = None  # transformers alone: these families' processors must not need it
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
-folder = sys.argv[1]
-report = {}
-config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-report["config"] = [type(config).__name__, config.shortv_layers]
-model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
-report["auto_model"] = [type(model).__name__, sorted(info["missing_keys"]), sorted(info["unexpected_keys"])]
-model2 = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
-report["image_text_to_text"] = type(model2).__name__
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-report["processor"] = type(processor).__name__
-rng = np.random.default_rng(0)
-img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=img, text=prompt, return_tensors="pt")
-with torch.no_grad():
-    report["logits"] = model(**inputs).logits[0, -1].tolist()
-    report["generate"] = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
-    report["generate_eager"] = model2.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
-pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
-chat = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "what is this ?"}]}]
-answer = pipe(text=chat, max_new_tokens=6)
-report["pipeline_model"] = type(pipe.model).__name__
-report["pipeline"] = answer[0]["generated_text"][-1]["content"]
-print("REPORT" + json.dumps(report))
+
+def report(folder):
+    report = {}
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    report["config"] = [type(config).__name__, config.shortv_layers]
+    model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    report["auto_model"] = [type(model).__name__, sorted(info["missing_keys"]), sorted(info["unexpected_keys"])]
+    model2 = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager")
+    report["image_text_to_text"] = type(model2).__name__
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    report["processor"] = type(processor).__name__
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=img, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        report["logits"] = model(**inputs).logits[0, -1].tolist()
+        report["generate"] = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
+        report["generate_eager"] = model2.generate(**inputs, max_new_tokens=6, do_sample=False)[0].tolist()
+    pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    chat = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "what is this ?"}]}]
+    answer = pipe(text=chat, max_new_tokens=6)
+    report["pipeline_model"] = type(pipe.model).__name__
+    report["pipeline"] = answer[0]["generated_text"][-1]["content"]
+    return report
+
+
+print("REPORT" + json.dumps({folder: report(folder) for folder in sys.argv[2:]}))
 """
 
 
@@ -106,32 +111,44 @@ for kind in families.FAMILIES:
 """
 
 
+@pytest.fixture(scope="session")
+def fresh_reports(tmp_path_factory):
+    """kind -> what USER_SCRIPT reported for its converted folder. One fresh process loads every family that
+    needs torchvision ("with"), or does not ("alone"); each family's folder has its own remote code."""
+
+    @cache
+    def reports(mode: str) -> dict:
+        root = tmp_path_factory.mktemp(f"fresh-{mode}")
+        kinds = [kind for kind, family in FAMILIES.items() if family.torchvision == (mode == "with")]
+        for kind in kinds:
+            args = [str(tiny_dir(kind)), "--layers", "4,1,3", "--out", str(root / kind), "-q", "--no-verify"]
+            assert CliRunner().invoke(main, args).exit_code == 0
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1")
+        proc = subprocess.run(
+            [sys.executable, "-c", USER_SCRIPT, mode, *(str(root / kind) for kind in kinds)],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        by_folder = json.loads(proc.stdout.split("REPORT", 1)[1])
+        return {kind: by_folder[str(root / kind)] for kind in kinds}
+
+    return lambda kind: reports("with" if FAMILIES[kind].torchvision else "alone")[kind]
+
+
+@pytest.mark.xdist_group("fresh-process")  # the families share their fresh process
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, tmp_path):
+def test_fresh_process_loads_with_auto_classes_and_pipeline(kind, fresh_reports):
     """AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor and pipeline("image-text-to-text") on the
     converted folder, in a fresh process that cannot import this project, nor torchvision for the families that
     do not need it (the others run only where torchvision is installed)."""
     if FAMILIES[kind].torchvision:
         pytest.importorskip("torchvision", reason=f"{kind}'s processor needs torchvision")
-    out = tmp_path / "shortv"
-    assert (
-        CliRunner()
-        .invoke(main, [str(tiny_dir(kind)), "--layers", "4,1,3", "--out", str(out), "-q", "--no-verify"])
-        .exit_code
-        == 0
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", USER_SCRIPT, str(out), "with" if FAMILIES[kind].torchvision else "alone"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.split("REPORT", 1)[1])
+    report = fresh_reports(kind)
     cls = FAMILIES[kind].model_class
     assert report["config"][1] == [4, 1, 3]
     assert report["auto_model"] == [cls, [], []]
