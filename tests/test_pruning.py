@@ -115,6 +115,30 @@ def test_cached_and_uncached_greedy_generation_equal_the_oracle(kind, text, conf
         assert until_eos(cached[i, width:].tolist(), ours) == until_eos(expected[0, n:].tolist(), ours)
 
 
+@params([("llava", "llama", "shortv_fastv"), ("qwen2_5_vl", None, "shortv_fastv"), ("llava", "llama", "vtw")])
+def test_beam_search_equals_the_oracle(kind, text, config):
+    """num_beams=3: generate() repeats each prompt once per beam and reorders the cache between steps; the pruned
+    layers' shorter cache and what each beam may attend to in it follow their beams. Each row against the oracle's
+    uncached beam search, and a padded batch of the two rows gives each row's beams."""
+    ours, _ = models(kind, text, config)
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=3, suppress_tokens=visual_token_ids(ours.config))
+    two = rows()[:2]
+    padded = inputs_of(kind, text, two)
+    with torch.no_grad():
+        together = ours.generate(**padded, **kw)
+    for i, row in enumerate(two):
+        one = inputs_of(kind, text, [row])
+        n = one["input_ids"].shape[1]
+        stock, hooks = oracle(kind, text, config, rank_position=n - 1)
+        with torch.no_grad():
+            got = ours.generate(**one, **kw)
+            with hooks[0], hooks[1]:
+                expected = stock.generate(**one, **kw, use_cache=False)
+        assert got.tolist() == expected.tolist()
+        generated = together[i, padded["input_ids"].shape[1] :].tolist()
+        assert until_eos(generated, ours) == until_eos(got[0, n:].tolist(), ours)
+
+
 def until_eos(tokens: list[int], model) -> list[int]:
     """``tokens`` up to the first end-of-sequence token, which generate() pads after and the oracle does not."""
     eos = model.generation_config.eos_token_id
