@@ -72,8 +72,9 @@ def _rows(kind):
     return [("what is in the picture on the left side", [image(30, 30, 1)]), ("colour?", [image(40, 20, 2)])]
 
 
-# Llama everywhere; Mistral (every layer slides) and Qwen2 (layers 2+ slide) with windows shorter than the prompts
-MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
+# Llama; Mistral (every layer slides: under LLaVA-NeXT's anyres tiles) and Qwen2 (layers 2+ slide) with windows
+# shorter than the prompts
+MODELS = [("llava", "llama"), ("llava_next", "mistral_sliding"), ("llava", "qwen2_sliding")]
 MODELS += [("idefics3", "llama"), ("smolvlm", "llama")]  # image tiles and their pixel masks through the vision graph
 MODELS += [("qwen2_vl", "qwen2"), ("qwen2_5_vl", "qwen2")]  # vision masks from the runner, M-RoPE position ids
 model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
