@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_tiny_llava import easy_vqa_split  # noqa: E402
+import train_tiny_llava as tiny_llava  # noqa: E402
+from train_tiny_llava import IMAGE_SIZE, easy_vqa_split, llava_processor  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-IMAGE_SIZE, PATCH = 64, 16
+PATCH = 16
 TOWER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4)
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # SmolLM2-Instruct's template, with image items: "<image>\n" where the message has an image
@@ -62,25 +63,12 @@ def gguf_folder() -> Path:
 
 
 def make_processor():
-    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder(), gguf_file=GGUF)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.padding_side = "left"
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return llava_processor(tokenizer, PATCH, CHAT_TEMPLATE)
 
 
 def make_model(processor, seed: int):
@@ -124,30 +112,14 @@ def trained_parts(model) -> dict[str, torch.Tensor]:
 PART_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
-class Encoded:
-    """Every question of a split as token ids and every image as pixels, computed once; answers as the LM's tokens
-    followed by ``<|im_end|>``."""
+class Encoded(tiny_llava.Encoded):
+    """A split encoded once (train_tiny_llava's), the answers as the LM's tokens followed by ``<|im_end|>``."""
 
     def __init__(self, processor, questions, answers, paths):
-        from PIL import Image
-
-        unique = sorted(set(paths))
-        index = {p: i for i, p in enumerate(unique)}
-        images = [Image.open(p).convert("RGB") for p in unique]
-        self.pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        self.image = torch.tensor([index[p] for p in paths])
+        super().__init__(processor, questions, answers, paths)
         tok = processor.tokenizer
         end = tok.convert_tokens_to_ids("<|im_end|>")
-        prompts = {}
-        for q in set(questions):
-            prompts[q] = processor(images=[images[0]], text=[prompt_text(processor, q)])["input_ids"][0]
-        self.prompt = [prompts[q] for q in questions]
         self.answer = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
-        self.answers = list(answers)
-        self.pad = tok.pad_token_id
-
-    def __len__(self):
-        return len(self.prompt)
 
     def train_batch(self, rows):
         """Right-padded prompt + answer; the positions whose next token is an answer token, and those tokens."""
@@ -164,34 +136,9 @@ class Encoded:
             targets += self.answer[r]
         return ids, mask, torch.tensor(at), torch.tensor(targets), self.pixels[self.image[rows]]
 
-    def prompt_batch(self, rows):
-        width = max(len(self.prompt[r]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            p = self.prompt[r]
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        return ids, mask, self.pixels[self.image[rows]]
 
-
-def prompt_text(processor, question: str) -> str:
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-@torch.no_grad()
-def accuracy(model, data: Encoded, rows, processor, batch_size: int = 64) -> float:
-    """Exact match of the greedy answer (special tokens skipped, stripped)."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        ids, mask, pixels = data.prompt_batch(chunk)
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=4, do_sample=False)
-        texts = processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        correct += sum(t.strip() == data.answers[r] for t, r in zip(texts, chunk, strict=True))
-    return correct / len(rows)
+def accuracy(model, data: Encoded, rows, processor) -> float:
+    return tiny_llava.accuracy(model, data, rows, processor, batch_size=64, max_new_tokens=4)
 
 
 def train(args) -> None:

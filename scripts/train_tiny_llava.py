@@ -48,7 +48,7 @@ def easy_vqa_split(split: str):
 def make_processor(patch: int):
     import easy_vqa
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = set(_WORDS) | set(easy_vqa.get_answers())
     for split in ("train", "test"):
@@ -68,6 +68,13 @@ def make_processor(patch: int):
         additional_special_tokens=["<image>"],
         padding_side="left",
     )
+    return llava_processor(tokenizer, patch, CHAT_TEMPLATE)
+
+
+def llava_processor(tokenizer, patch: int, chat_template: str):
+    """A LlavaProcessor for easy-VQA's 64x64 images (CLIP's normalisation; one visual token a patch)."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE},
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -80,7 +87,7 @@ def make_processor(patch: int):
         patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -181,14 +188,15 @@ class Encoded:
 
 
 @torch.no_grad()
-def accuracy(model, data: Encoded, rows, processor, batch_size: int = 256) -> float:
+def accuracy(model, data: Encoded, rows, processor, batch_size: int = 256, max_new_tokens: int = 3) -> float:
     """Exact match of the greedy answer (generate, special tokens skipped)."""
     model.eval()
     correct = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         ids, mask, pixels = data.prompt_batch(chunk)
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **kw)
         texts = processor.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
         correct += sum(t.strip() == data.answers[r] for t, r in zip(texts, chunk, strict=True))
     return correct / len(rows)
