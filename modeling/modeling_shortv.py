@@ -173,6 +173,10 @@ class TokenPruning:
     language_model: nn.Module
     rows: PrunedRows | None = None
 
+    def __post_init__(self):
+        if self.ratio is None:  # VTW: every visual row goes, no ranking
+            self.rows = self.pruned_rows(~self.visual, 0)
+
     def rank(self, layer: nn.Module, hidden_states, position_embeddings) -> None:
         self.rows = self.pruned_rows(*self.keep(self.attention_weights(layer, hidden_states, position_embeddings)))
 
@@ -693,7 +697,7 @@ class ShortVModelMixin:
         if rank_positions is None:
             rank_positions = last_positions(visual, padding)
         frozen = frozenset(i for i in self.shortv_layers if i >= self.shortv_prune["layer"])
-        pruning = TokenPruning(
+        return TokenPruning(
             layer=self.shortv_prune["layer"],
             ratio=self.shortv_prune.get("ratio"),
             visual=visual,
@@ -703,9 +707,6 @@ class ShortVModelMixin:
             frozen_layers=frozen,
             language_model=text_model,
         )
-        if pruning.ratio is None:  # VTW: every visual token goes
-            pruning.rows = pruning.pruned_rows(~visual, 0)
-        return pruning
 
     def decode_rows(self, inputs: dict, cache) -> PrunedRows:
         reference = inputs.get("input_ids")

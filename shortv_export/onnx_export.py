@@ -301,8 +301,6 @@ class _PrunedDecoder(_Decoder):
             positions=position_ids,
             text=text_index,
         )
-        if pruning.ratio is None:  # VTW: every visual row goes, no ranking
-            pruning.rows = pruning.pruned_rows(~visual_mask)
         logits, hidden, *presents = self.run(
             inputs_embeds, attention_mask, position_ids, text_index, past, shortv_pruning=pruning
         )
