@@ -162,17 +162,16 @@ def _reloaded(folder: Path, inputs: dict, prompts: dict, settings: dict, threads
         if threads is not None:
             env["OMP_NUM_THREADS"] = str(threads)
         paths = [str(folder.resolve()), *(str(tmp / name) for name in ("inputs.pt", "prompts.pt", "out.pt"))]
-        result = subprocess.run(
-            [sys.executable, "-c", _USER_CODE, *paths, json.dumps(settings)],
-            capture_output=True,
-            text=True,
-            cwd=tmp,
-            env=env,
-        )
+        result = run_user_code(_USER_CODE, [*paths, json.dumps(settings)], env, tmp)
         if result.returncode != 0:
             tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
             raise ShortVError(f"verify: the written folder does not load with transformers alone: {tail[0]}")
         return json.loads(result.stdout.strip().splitlines()[-1]), torch.load(tmp / "out.pt", weights_only=True)
+
+
+def run_user_code(code: str, argv: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -c code *argv`` in a fresh process (its output captured): the one place verification starts one."""
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def _problems(figures: dict, report: dict, layers: list[int], active: bool, prune: dict | None = None) -> list[str]:

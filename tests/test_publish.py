@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -83,11 +84,13 @@ def test_push_end_to_end_then_a_rerun_uploads_nothing(hub, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llava", "gemma3"])  # Gemma 3: another family, whose processor needs no torchvision
-def test_card_parses_and_its_snippet_runs_against_the_pushed_files(hub, tmp_path, kind):
-    env = hub_env(hub, tmp_path)
+def test_card_parses_and_its_snippet_runs_against_the_pushed_files(hub, tmp_path, monkeypatch, kind):
+    """The push in-process (the console script's own end-to-end push is the test above); the card's snippet in a
+    fresh process, as a user runs it."""
+    _in_process_env(monkeypatch, hub, "hf_good")
     out = tmp_path / "pushed"
-    result = shortv_export(tiny_dir(kind), "--layers", "3,1", "--out", out, "--push", env=env)
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(main, [str(tiny_dir(kind)), "--layers", "3,1", "--out", str(out), "--push"])
+    assert result.exit_code == 0, result.output
     assert "me/pushed" in hub.repos  # default repo id: <token user>/<folder name>
     text = hub.repos["me/pushed"].files("main")["README.md"].decode()
     card = ModelCard(text)
@@ -230,6 +233,7 @@ def test_push_options_need_push(tmp_path):
     assert result.exit_code == 2 and "only apply with --push" in result.stderr
 
 
+@pytest.mark.fresh_verify  # the real subprocess; the other tests' verification forks (tests/fork_server.py)
 def test_verify_catches_a_broken_folder(tmp_path, monkeypatch):
     """A written folder whose modeling file is broken fails verification, and the push does not happen."""
     import shortv_export.verify as verify
@@ -242,6 +246,34 @@ def test_verify_catches_a_broken_folder(tmp_path, monkeypatch):
     (out / "modeling_shortv_llava.py").write_text("raise ImportError('broken on purpose')\n")
     with pytest.raises(verify.ShortVError, match="does not load with transformers alone"):
         verify.verify_folder(out, tiny_dir("llava"), [2])
+
+
+@pytest.mark.fresh_verify
+def test_the_fork_server_runs_user_code_as_a_fresh_process_does(tmp_path):
+    """What the tests' stand-in for verification's fresh process gives back equals what the real one does: the
+    arguments, working directory, environment, thread count, output, error output and exit code, with nothing
+    of this package imported."""
+    from conftest import fork_server
+
+    import shortv_export.verify as verify
+
+    code = (
+        "import json, os, sys, torch\n"
+        "from transformers.dynamic_module_utils import HF_MODULES_CACHE\n"
+        "print(json.dumps([sys.argv[1:], os.getcwd(), os.environ['SHORTV_PROBE'], HF_MODULES_CACHE,\n"
+        "    torch.get_num_threads(), 'shortv_export' in sys.modules]))\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "sys.exit(int(sys.argv[2]))\n"
+    )
+    env = dict(os.environ, SHORTV_PROBE="seen", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="2")
+    for status in ("0", "3"):
+        real = verify.run_user_code(code, ["a b", status], env, tmp_path)
+        forked = fork_server().run(code, ["a b", status], env, tmp_path)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+        assert json.loads(real.stdout) == [["a b", status], str(tmp_path), "seen", str(tmp_path / "modules"), 2, False]
+        assert real.returncode == int(status) and real.stderr == "to stderr\n"
+    crash = fork_server().run("raise ValueError('boom')", [], env, tmp_path)
+    assert crash.returncode == 1 and crash.stderr.strip().splitlines()[-1] == "ValueError: boom"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
