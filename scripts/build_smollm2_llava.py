@@ -17,8 +17,10 @@ loss is on the answer's tokens and ``<|im_end|>``. Data: easy-VQA (Victor Zhou, 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import platform
@@ -137,6 +139,92 @@ class Encoded(tiny_llava.Encoded):
         return ids, mask, torch.tensor(at), torch.tensor(targets), self.pixels[self.image[rows]]
 
 
+COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def image_labels(questions, answers, paths) -> dict[str, tuple[int, int]]:
+    """Each training image's (shape, colour) class, -1 where no question tells it, read from the training split's
+    questions and answers: "what shape/color ..." answers, "what is the <colour> shape?", "what color is the
+    <shape>?", and the yes/no questions ("is there not a red shape?" answered "no" says red)."""
+    shape, color = {}, {}
+    for q, a, p in zip(questions, answers, paths, strict=True):
+        words = q.rstrip("?").split()
+        named_color = next((w for w in words if w in COLORS), None)
+        named_shape = next((w for w in words if w in SHAPES), None)
+        if a in SHAPES:
+            shape[p] = a
+            if named_color:
+                color[p] = named_color
+        elif a in COLORS:
+            color[p] = a
+            if named_shape:
+                shape[p] = named_shape
+        elif (a == "yes") != ("not" in words or "no" in words):  # the named colour or shape is there
+            if named_color:
+                color[p] = named_color
+            if named_shape:
+                shape[p] = named_shape
+    return {
+        p: (SHAPES.index(shape[p]) if p in shape else -1, COLORS.index(color[p]) if p in color else -1)
+        for p in set(paths)
+    }
+
+
+def pretrain_tower(model, data: Encoded, labels: torch.Tensor, steps: int, lr: float, seed: int) -> float:
+    """Stage 1, no LM: the tower learns easy-VQA's shapes and colours (two linear heads on its mean-pooled
+    features, the layer the projector reads), so the LM stage starts from visual features that tell them apart.
+    Returns the last 50 steps' accuracy on the labelled training images."""
+    torch.manual_seed(seed)
+    tower, config = model.model.vision_tower, model.config
+    width = config.vision_config.hidden_size
+    heads = torch.nn.ModuleList([torch.nn.Linear(width, len(SHAPES)), torch.nn.Linear(width, len(COLORS))])
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(seed)
+    tower.train()
+    hits = []
+    for _ in range(steps):
+        rows = torch.randint(len(data.pixels), (128,), generator=generator)
+        hidden = tower(data.pixels[rows], output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        pooled = hidden[:, 1:].mean(1)  # "default": the CLS token is not a visual token
+        loss, correct = 0.0, []
+        for head, target in zip(heads, labels[rows].T, strict=True):
+            logits = head(pooled)
+            loss = loss + torch.nn.functional.cross_entropy(logits, target, ignore_index=-1)
+            known = target >= 0
+            correct.append((logits.argmax(-1)[known] == target[known]).float().mean().item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        hits.append(sum(correct) / 2)
+    return sum(hits[-50:]) / len(hits[-50:])
+
+
+class PromptPrefix:
+    """The tokens every prompt starts with (the system message and ``<|im_start|>user\n``, before the image): the
+    frozen LM's keys and values there depend on no trained parameter, so they are computed once and each training
+    step runs only the rest of the sequence."""
+
+    def __init__(self, model, data: Encoded, batch_size: int):
+        from transformers import DynamicCache
+
+        image = model.config.image_token_id
+        first = data.prompt[0]
+        self.length = first.index(image)
+        assert all(p[: self.length] == first[: self.length] for p in data.prompt), "prompts share no prefix"
+        ids = torch.tensor([first[: self.length]] * batch_size)
+        # transformers 5.24 calls the argument ``cache``, earlier 5.x ``past_key_values``
+        self.name = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            out = model.model.language_model(input_ids=ids, **{self.name: DynamicCache()}, use_cache=True)
+        self.cache = out[self.name]
+
+    def __call__(self) -> dict:
+        """The forward's argument: a fresh copy of the prefix's cache (a forward appends to the one it gets)."""
+        return {self.name: copy.deepcopy(self.cache)}
+
+
 def accuracy(model, data: Encoded, rows, processor) -> float:
     return tiny_llava.accuracy(model, data, rows, processor, batch_size=64, max_new_tokens=4)
 
@@ -150,8 +238,20 @@ def train(args) -> None:
     start = time.time()
     processor = make_processor()
     model = make_model(processor, args.seed)
-    train_set = Encoded(processor, *easy_vqa_split("train"))
+    train_split = easy_vqa_split("train")
+    train_set = Encoded(processor, *train_split)
     test_set = Encoded(processor, *easy_vqa_split("test"))
+    if args.tower_steps:
+        labelled = image_labels(*train_split)
+        labels = torch.tensor([labelled[p] for p in sorted(set(train_split[2]))])
+        began = time.time()
+        tower_acc = pretrain_tower(model, train_set, labels, args.tower_steps, args.lr, args.seed)
+        print(
+            f"tower pretrained: {args.tower_steps} steps in {(time.time() - began) / 60:.1f} min, training images' "
+            f"shape/colour accuracy {tower_acc:.3f}",
+            flush=True,
+        )
+    prefix = PromptPrefix(model, train_set, args.batch_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trained parameters (LM frozen); {len(train_set)} train, "
@@ -176,8 +276,9 @@ def train(args) -> None:
         position += args.batch_size
         model.model.vision_tower.train()
         ids, mask, at, targets, pixels = train_set.train_batch(rows)
-        hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
-        logits = model.lm_head(hidden[at[:, 0], at[:, 1]])  # only where the next token is an answer token
+        n = prefix.length  # the prefix's keys and values come from its cache
+        out = model.model(input_ids=ids[:, n:], attention_mask=mask, pixel_values=pixels, **prefix())
+        logits = model.lm_head(out.last_hidden_state[at[:, 0], at[:, 1] - n])  # where the next token is the answer's
         loss = torch.nn.functional.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,6 +292,11 @@ def train(args) -> None:
                 {"step": step, "loss": round(loss.item(), 4), "probe_acc": acc, "minutes": round(minutes, 1)}
             )
             print(f"step {step}/{steps}  loss {loss.item():.4f}  probe acc {acc:.3f}  {minutes:.1f} min", flush=True)
+            args.folder.mkdir(parents=True, exist_ok=True)  # so far, in case the run is stopped
+            save_file({k: v.half() for k, v in trained_parts(model).items()}, str(args.folder / "parts.safetensors"))
+            (args.folder / "parts.json").write_text(json.dumps({"partial": True, "history": history}, indent=2))
+        elif step % 20 == 0:
+            print(f"step {step}/{steps}  loss {loss.item():.4f}  {minutes:.1f} min", flush=True)
         if args.max_minutes is not None and minutes > args.max_minutes:
             print(f"stopping at step {step}: {args.max_minutes} minutes", flush=True)
             break
@@ -207,6 +313,7 @@ def train(args) -> None:
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH,
         "seed": args.seed,
+        "tower_steps": args.tower_steps,
         "steps": step,
         "batch_size": args.batch_size,
         "train_minutes": round(train_minutes, 1),
@@ -245,6 +352,7 @@ def main(argv=None):
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--tower-steps", type=int, default=600, help="stage 1: the tower on shapes and colours, no LM")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, help="stop early past this (the run is then machine-dependent)")
     t.add_argument("--eval-every", type=int, default=200)
