@@ -76,7 +76,9 @@ def _rows(kind):
 # shorter than the prompts
 MODELS = [("llava", "llama"), ("llava_next", "mistral_sliding"), ("llava", "qwen2_sliding")]
 MODELS += [("idefics3", "llama"), ("smolvlm", "llama")]  # image tiles and their pixel masks through the vision graph
-MODELS += [("qwen2_vl", "qwen2"), ("qwen2_5_vl", "qwen2")]  # vision masks from the runner, M-RoPE position ids
+MODELS += [("qwen2_vl", "qwen2")]  # vision masks from the runner, M-RoPE position ids
+# Qwen2.5-VL's graphs (its windowed vision tower, the M-RoPE decoder) are exported and checked with FastV in the
+# decoder (PRUNED below: every present against PyTorch, the export's logits validation, 20 greedy tokens)
 model_params = pytest.mark.parametrize("kind,text", MODELS, ids=[f"{k}-{t}" for k, t in MODELS])
 
 
@@ -241,7 +243,7 @@ def test_unknown_provider_is_a_clear_error(exported):
         ShortVOnnxModel.from_pretrained(tiny_dir("llava"))
 
 
-@pytest.mark.parametrize("kind,text", [("llava", "llama"), ("smolvlm", "llama"), ("qwen2_5_vl", "qwen2")])
+@pytest.mark.parametrize("kind,text", [("llava", "llama"), ("smolvlm", "llama"), ("qwen2_vl", "qwen2")])
 def test_cli_exports_and_answers(exported, tmp_path, kind, text):
     out, _, report = exported(kind, text=text)  # made by the CLI's --onnx
     assert "ONNX Runtime vs PyTorch" in report.cli_output and "tolerance" in report.cli_output
