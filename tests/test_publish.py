@@ -272,8 +272,16 @@ def test_the_fork_server_runs_user_code_as_a_fresh_process_does(tmp_path):
         assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
         assert json.loads(real.stdout) == [["a b", status], str(tmp_path), "seen", str(tmp_path / "modules"), 2, False]
         assert real.returncode == int(status) and real.stderr == "to stderr\n"
-    crash = fork_server().run("raise ValueError('boom')", [], env, tmp_path)
-    assert crash.returncode == 1 and crash.stderr.strip().splitlines()[-1] == "ValueError: boom"
+    for code, returncode, last in (
+        ("raise ValueError('boom')", 1, "ValueError: boom"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -9, None),  # killed: no output, minus the signal
+        ("import sys; sys.exit('a message')", 1, "a message"),
+        ("import atexit; atexit.register(print, 'at exit')", 0, None),
+    ):
+        real, forked = (run(code, [], env, tmp_path) for run in (verify.run_user_code, fork_server().run))
+        assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+        assert real.returncode == returncode and (last is None or real.stderr.strip().splitlines()[-1] == last)
+    assert real.stdout == "at exit\n"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
