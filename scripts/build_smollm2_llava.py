@@ -201,6 +201,33 @@ def pretrain_tower(model, data: Encoded, labels: torch.Tensor, steps: int, lr: f
     return sum(hits[-50:]) / len(hits[-50:])
 
 
+class Batches:
+    """Training rows, a fixed share of each batch from the open questions (colour or shape answers, a quarter of
+    easy-VQA's questions) and the rest from the yes/no ones, each pool in its own seeded shuffle. Drawn in
+    proportion, the LM learns yes/no from the image first and keeps answering one colour and one shape."""
+
+    def __init__(self, data: Encoded, batch_size: int, open_share: float, generator):
+        open_rows = [i for i, a in enumerate(data.answers) if a not in ("yes", "no")]
+        closed = [i for i, a in enumerate(data.answers) if a in ("yes", "no")]
+        self.pools = [(torch.tensor(open_rows), round(batch_size * open_share)), (torch.tensor(closed), None)]
+        self.pools[1] = (self.pools[1][0], batch_size - self.pools[0][1])
+        self.generator = generator
+        self.orders = [self._shuffle(pool) for pool, _ in self.pools]
+        self.positions = [0, 0]
+
+    def _shuffle(self, pool):
+        return pool[torch.randperm(len(pool), generator=self.generator)]
+
+    def __call__(self) -> torch.Tensor:
+        rows = []
+        for i, (pool, count) in enumerate(self.pools):
+            if self.positions[i] + count > len(pool):
+                self.orders[i], self.positions[i] = self._shuffle(pool), 0
+            rows.append(self.orders[i][self.positions[i] : self.positions[i] + count])
+            self.positions[i] += count
+        return torch.cat(rows)
+
+
 class PromptPrefix:
     """The tokens every prompt starts with (the system message and ``<|im_start|>user\n``, before the image): the
     frozen LM's keys and values there depend on no trained parameter, so they are computed once and each training
@@ -265,15 +292,12 @@ def train(args) -> None:
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     generator = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train_set), generator=generator)
+    draw = Batches(train_set, args.batch_size, args.open_share, generator)
     probe = torch.randperm(len(test_set), generator=generator)[: args.probe].tolist()
-    history, position, step = [], 0, 0
+    history, step = [], 0
     model.model.language_model.eval()  # frozen: no dropout there
     for step in range(1, steps + 1):
-        if position + args.batch_size > len(order):
-            order, position = torch.randperm(len(train_set), generator=generator), 0
-        rows = order[position : position + args.batch_size]
-        position += args.batch_size
+        rows = draw()
         model.model.vision_tower.train()
         ids, mask, at, targets, pixels = train_set.train_batch(rows)
         n = prefix.length  # the prefix's keys and values come from its cache
@@ -314,6 +338,7 @@ def train(args) -> None:
         "patch_size": PATCH,
         "seed": args.seed,
         "tower_steps": args.tower_steps,
+        "open_share": args.open_share,
         "steps": step,
         "batch_size": args.batch_size,
         "train_minutes": round(train_minutes, 1),
@@ -352,6 +377,7 @@ def main(argv=None):
     t.add_argument("--max-steps", type=int)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--open-share", type=float, default=0.5, help="share of each batch from colour/shape questions")
     t.add_argument("--tower-steps", type=int, default=600, help="stage 1: the tower on shapes and colours, no LM")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, help="stop early past this (the run is then machine-dependent)")
