@@ -121,6 +121,7 @@ def main(argv=None):
     parser.add_argument("model", type=Path)
     parser.add_argument("--limit", type=int, help="first K test questions only (seeded shuffle)")
     parser.add_argument("--calib-samples", type=int, default=40)
+    parser.add_argument("--curve", help="comma list of N for the accuracy-vs-N table (default: every N); 0 is added")
     parser.add_argument("--plot", type=Path, help="write the accuracy-vs-N curve here (needs matplotlib)")
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args(argv)
@@ -155,7 +156,8 @@ def main(argv=None):
     results["lc_default"] = {"visual": lc_default.visual, "order": lc_default.order}
     results["cosine_order"] = cosine
 
-    curve = [(n, lc_vqa.order[:n], acc(lc_vqa.order[:n])) for n in range(layers + 1)]
+    ns = sorted({0, *map(int, args.curve.split(","))}) if args.curve else range(layers + 1)
+    curve = [(n, lc_vqa.order[:n], acc(lc_vqa.order[:n])) for n in ns]
     results["curve"] = [{"n": n, "layers": f, "accuracy": a} for n, f, a in curve]
     print(f"# {args.model}: {layers} layers; {len(rows)} easy-VQA test questions; greedy exact match\n")
     print("LC (visual, easy-VQA calibration):", [round(v, 4) for v in lc_vqa.visual])
