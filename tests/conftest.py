@@ -30,6 +30,34 @@ def _tiny_root(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_function_table_once():
+    """torch.onnx.export builds its table of ATen-to-ONNX functions anew on every call (about 1 s: onnxscript reads
+    the source of some 500 functions each time), and a worker exports some 30 graphs: the table is built once per
+    worker here. The same table: an export changes it only for a custom translation table, which the tool never
+    passes. Where torch's private module differs, nothing is patched."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        yield
+        return
+    build = _registration.ONNXRegistry.__dict__.get("from_torchlib")
+    if not isinstance(build, classmethod):
+        yield
+        return
+    tables = {}
+
+    def once(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in tables:
+            tables[key] = build.__func__(cls, *args, **kwargs)
+        return tables[key]
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(once)
+    yield
+    _registration.ONNXRegistry.from_torchlib = build
+
+
 @cache
 def tiny_dir(kind: str, num_layers: int = 6, text: str = "llama", kv_heads: int = 2) -> Path:
     """A tiny random checkpoint folder of ``kind`` ('llava', 'llava_next' or one of ``tiny.NEW_FAMILIES``) with
@@ -96,6 +124,21 @@ def pytest_collection_modifyitems(items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "fresh_verify: verification reloads the folder in a real fresh process")
+    config.addinivalue_line(
+        "markers",
+        "newest_only: runs on the newest transformers only (CI's lowest-version pass, -m 'not newest_only', skips it: "
+        "README Versions)",
+    )
+
+
+NEWEST_ONLY = pytest.mark.newest_only
+
+
+def also_lowest(cases: list[tuple], lowest, ids: list[str]) -> list:
+    """``cases`` as ``pytest.param``s, those for which ``lowest(case)`` is false marked ``newest_only``: a family
+    matrix whose every case runs on the newest transformers and a subset (one model per text-decoder class, say)
+    on the lowest too."""
+    return [pytest.param(*c, id=i, marks=() if lowest(c) else NEWEST_ONLY) for c, i in zip(cases, ids, strict=True)]
 
 
 _FORK_SERVER = None

@@ -9,7 +9,7 @@ from functools import cache
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import image, processor_for, tiny_dir
+from conftest import NEWEST_ONLY, also_lowest, image, processor_for, tiny_dir
 from oracle import oracle_hooks
 
 from shortv_export.calibrate import calibrate, load_base_model
@@ -71,10 +71,14 @@ def close(a: list[float], b: list[float], rel: float = 1e-4) -> bool:
     return all(abs(x - y) <= rel * abs(y) + floor for x, y in zip(a, b, strict=True))
 
 
+LC_MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
+LC_MODELS += [(kind, text) for kind, text in FAMILIES if kind in NEW_FAMILIES]
+# on the lowest transformers too: Llama, LLaVA-NeXT's variable image-token counts, M-RoPE, Gemma 3
+LC_LOWEST = {("llava", "llama"), ("llava_next", "llama"), ("qwen2_5_vl", "qwen2"), ("gemma3", "gemma3")}
+
+
 @pytest.mark.parametrize(
-    "kind,text",
-    [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
-    + [(kind, text) for kind, text in FAMILIES if kind in NEW_FAMILIES],
+    "kind,text", also_lowest(LC_MODELS, lambda c: c in LC_LOWEST, [f"{k}-{t}" for k, t in LC_MODELS])
 )
 def test_lc_equals_brute_force_and_costs_at_most_055(kind, text):
     model, processor = model_and_processor(kind, text=text)
@@ -217,6 +221,7 @@ def test_sample_origin_is_reported_for_a_missing_image():
         Sample("/nonexistent/a.png", "p", "x.jsonl:4").load_image()
 
 
+@NEWEST_ONLY  # the CLI over the model file: once (README Versions)
 def test_end_to_end_n3_writes_the_three_lowest_lc_layers_and_is_reproducible(tmp_path):
     base = tmp_path / "base"
     shutil.copytree(tiny_dir("llava", LAYERS), base)
@@ -247,6 +252,7 @@ def test_end_to_end_n3_writes_the_three_lowest_lc_layers_and_is_reproducible(tmp
     assert loaded.config.shortv_layers == lc["order"][:3]
 
 
+@NEWEST_ONLY
 def test_target_flops_picks_the_smallest_n(tmp_path):
     from shortv_export.flops import flops_summary
 

@@ -13,7 +13,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import batch, image, processor_for, prompt, tiny_dir
+from conftest import also_lowest, batch, image, processor_for, prompt, tiny_dir
 from oracle import oracle_hooks
 from transformers import AutoModelForImageTextToText
 
@@ -34,13 +34,15 @@ Q = "what is the color of the shape ?"
 Q2 = "how many shapes are there in this picture ?"
 
 
-def params(frozen=None, models=None):
-    """Parametrize over CASES, or over ``models`` x ``frozen``."""
+def params(frozen=None, models=None, lowest=None):
+    """Parametrize over CASES, or over ``models`` x ``frozen``; ``lowest``: the (kind, text) pairs that CI's
+    lowest-transformers pass runs too (default: all)."""
     cases = CASES if models is None else [(k, t, f) for k, t in models for f in frozen or FROZEN]
     if frozen is not None and models is None:
         cases = [c for c in CASES if c[2] in frozen]
+    ids = [f"{k}-{t}-{'_'.join(map(str, f))}" for k, t, f in cases]
     return pytest.mark.parametrize(
-        "kind,text,frozen", cases, ids=[f"{k}-{t}-{'_'.join(map(str, f))}" for k, t, f in cases]
+        "kind,text,frozen", also_lowest(cases, lambda c: lowest is None or c[:2] in lowest, ids)
     )
 
 
@@ -224,11 +226,13 @@ def test_no_deprecation_warnings_from_the_model_file():
 
 
 # The compile tests trace every decoder layer (about 0.4 s a layer): 3-layer models, the first and the last frozen
-# (Qwen2's sliding layers are 2 on, Gemma 3's alternate: each attention type traced)
+# (Qwen2's sliding layers are 2 on, Gemma 3's alternate: each attention type traced). On the lowest transformers
+# they run for Llama, sliding Mistral, M-RoPE (Qwen2.5-VL) and Gemma 3's alternating layers (README Versions).
 COMPILE_FROZEN, COMPILE_LAYERS = (2, 0), 3
+COMPILE_LOWEST = {("llava", "llama"), ("llava", "mistral_sliding"), ("qwen2_5_vl", "qwen2"), ("gemma3", "gemma3")}
 
 
-@params(frozen=[COMPILE_FROZEN], models=[(k, t) for k, t, f in CASES if f == (4, 1, 3)])
+@params(frozen=[COMPILE_FROZEN], models=[(k, t) for k, t, f in CASES if f == (4, 1, 3)], lowest=COMPILE_LOWEST)
 def test_text_only_decode_step_compiles_with_fullgraph(kind, text, frozen):
     """No branching on tensor values outside image prefill: a decode step traces as one graph and agrees."""
     shortv, _ = pair(kind, text, frozen, layers=COMPILE_LAYERS)
@@ -253,7 +257,7 @@ def test_text_only_decode_step_compiles_with_fullgraph(kind, text, frozen):
 COMPILED = [("llava", "llama"), ("llava", "qwen2_sliding"), ("gemma3", "gemma3"), ("smolvlm", "llama")]
 
 
-@params(frozen=[COMPILE_FROZEN], models=[*COMPILED, ("qwen2_5_vl", "qwen2")])
+@params(frozen=[COMPILE_FROZEN], models=[*COMPILED, ("qwen2_5_vl", "qwen2")], lowest=COMPILE_LOWEST)
 def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     from transformers import CompileConfig
 
@@ -274,7 +278,9 @@ def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     assert torch.equal(compiled, eager)
 
 
-@params(frozen=[COMPILE_FROZEN], models=[*COMPILED, ("idefics3", "llama")])
+@params(
+    frozen=[COMPILE_FROZEN], models=[*COMPILED, ("idefics3", "llama")], lowest={*COMPILE_LOWEST, ("idefics3", "llama")}
+)
 def test_one_prompt_image_prefill_compiles_with_fullgraph(kind, text, frozen):
     """The captured path: for one prompt the text width comes from the host (sequence length minus the image
     features), so the whole prefill with images traces as one graph (CUDA graphs need that) and agrees. The

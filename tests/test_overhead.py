@@ -10,9 +10,8 @@ LLaVA-NeXT (Vicuna) do.
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -77,19 +76,22 @@ def test_one_prompt_makes_exactly_the_stock_host_syncs(kind):
         assert shortv.syncs == vanilla.syncs + extra, (rows, dict(vanilla.sync_ops), dict(shortv.sync_ops))
 
 
-def test_the_prefill_bench_runs_and_prints_its_table():
+def test_the_prefill_bench_runs_and_prints_its_table(capsys):
     """scripts/bench_prefill.py is the GPU check prepared for a session with a device (scripts/gpu_bench.sh): it
     must not rot. Its launch shape (LLaVA-1.5-13B's layer pattern at a negligible width), 2 layers (one frozen),
-    batch 1 and 2, eager and compiled rows, prefill + 2 tokens, PyTorch and ONNX Runtime."""
-    command = [sys.executable, "scripts/bench_prefill.py", "--shape", "launch", "--depth", "2", "--batch", "1,2"]
-    command += ["--runs", "1", "--warmup", "0", "--decode-tokens", "2", "--compile", "eager", "--backend", "torch,onnx"]
-    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| launch |")]
+    batch 1 and 2, eager and compiled rows, prefill + 2 tokens, PyTorch and ONNX Runtime. Its main() in-process
+    (the imports, not the script, would be most of a fresh process's time)."""
+    spec = importlib.util.spec_from_file_location("bench_prefill", REPO / "scripts" / "bench_prefill.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--shape", "launch", "--depth", "2", "--batch", "1,2", "--runs", "1", "--warmup", "0"]
+    bench.main([*argv, "--decode-tokens", "2", "--compile", "eager", "--backend", "torch,onnx"])
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if line.startswith("| launch |")]
     modes = {tuple(cell.strip() for cell in row.split("|")[3:7]) for row in rows}
     assert ("1", "torch cpu", "fp32", "eager") in modes and ("2", "torch cpu", "fp32", "eager") in modes
     assert ("1", "torch cpu", "fp32", "compiled (eager)") in modes
     assert ("1", "onnxruntime cpu", "fp32", "eager") in modes
     assert ("1", "torch cpu", "fp32", "prefill + 2 tokens") in modes
-    syncs = re.search(r"host syncs per forward: ShortV (\d+), vanilla (\d+)", out.stdout)
-    assert syncs and syncs[1] == syncs[2], out.stdout
+    syncs = re.search(r"host syncs per forward: ShortV (\d+), vanilla (\d+)", out.out)
+    assert syncs and syncs[1] == syncs[2], out.out

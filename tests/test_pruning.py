@@ -11,7 +11,7 @@ from functools import cache
 
 import pytest
 import torch
-from conftest import batch, image, processor_for, tiny_dir
+from conftest import NEWEST_ONLY, batch, image, processor_for, tiny_dir
 from oracle import oracle_generate, oracle_hooks, pruning_oracle_hooks
 from transformers import AutoModelForImageTextToText, DynamicCache
 
@@ -238,6 +238,7 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@NEWEST_ONLY
 def test_cli_writes_fastv_with_shortv_verifies_it_and_the_folder_loads_as_the_in_process_model(tmp_path):
     out = tmp_path / "out"
     result = _cli(tiny_dir("llava"), "--layers", "4,1,3", "--fastv", "2:0.5", "--out", out)
@@ -311,6 +312,7 @@ def test_dry_run_and_target_flops_count_the_pruning():
     assert n_of(pruned_n) < n_of(plain_n)
 
 
+@NEWEST_ONLY  # the verify stage over a pruned folder: once (README Versions)
 @pytest.mark.parametrize("prune", ["2:0.5", "vtw"])
 def test_verify_catches_a_pruned_checkpoint_whose_decode_steps_see_the_wrong_keys(tmp_path, prune):
     """The verify stage's cache check (a padded batch, cached vs uncached) holds for pruned checkpoints: decode
@@ -332,6 +334,7 @@ def test_verify_catches_a_pruned_checkpoint_whose_decode_steps_see_the_wrong_key
         verify.verify_folder(out, tiny_dir("llava"), [4, 1], prune=written)
 
 
+@NEWEST_ONLY
 def test_the_min_agreement_search_measures_n0_when_tokens_are_pruned(tmp_path):
     """With pruning, N = 0 is not the base model: the search reports what it measured there, not 100%."""
     out = tmp_path / "out"
