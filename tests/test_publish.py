@@ -249,6 +249,7 @@ def test_verify_catches_a_broken_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.fresh_verify
+@pytest.mark.xdist_group("fork-server-pin")  # a long one: a group of its own is scheduled first (conftest)
 def test_the_fork_server_runs_user_code_as_a_fresh_process_does(tmp_path):
     """What the tests' stand-in for verification's fresh process gives back equals what the real one does: the
     arguments, working directory, environment, thread count, output, error output and exit code, with nothing
@@ -284,7 +285,9 @@ def test_the_fork_server_runs_user_code_as_a_fresh_process_does(tmp_path):
     assert real.stdout == "at exit\n"
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(d, marks=pytest.mark.xdist_group(f"verify-wrong-cache-{d}")) for d in ("fp32", "bf16")]
+)  # long ones: groups of their own are scheduled first (conftest)
 def test_verify_catches_a_checkpoint_that_caches_wrong_keys_and_values(tmp_path, dtype):
     """Prefill logits are right, but the frozen layers write other K/V into the cache (what transformers 5.24's
     rename did to the old model file): generating with the cache no longer matches generating without it, in
