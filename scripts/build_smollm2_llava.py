@@ -114,6 +114,18 @@ def trained_parts(model) -> dict[str, torch.Tensor]:
 PART_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
+def load_parts(model, folder: Path) -> dict:
+    """Put ``folder``'s trained parts (fp16 as saved, to fp32) into ``model``; returns its ``parts.json`` record."""
+    from safetensors.torch import load_file
+
+    parts = load_file(str(folder / "parts.safetensors"))
+    assert set(parts) == {k for k in model.state_dict() if k.startswith(PART_PREFIXES)}, (
+        "parts.safetensors does not fit"
+    )
+    model.load_state_dict({k: v.float() for k, v in parts.items()}, strict=False)
+    return json.loads((folder / "parts.json").read_text())
+
+
 def save_parts(model, folder: Path, record: dict) -> None:
     """The trained parts (fp16) as ``parts.safetensors`` and ``record`` as ``parts.json`` in ``folder``."""
     from safetensors.torch import save_file
@@ -272,10 +284,11 @@ def train(args) -> None:
     start = time.time()
     processor = make_processor()
     model = make_model(processor, args.seed)
+    earlier = load_parts(model, args.init) if args.init else None  # a run continued: its tower stage is done
     train_split = easy_vqa_split("train")
     train_set = Encoded(processor, *train_split)
     test_set = Encoded(processor, *easy_vqa_split("test"))
-    if args.tower_steps:
+    if args.tower_steps and not earlier:
         labelled = image_labels(*train_split)
         labels = torch.tensor([labelled[p] for p in sorted(set(train_split[2]))])
         began = time.time()
@@ -343,6 +356,7 @@ def train(args) -> None:
         "tower_steps": args.tower_steps,
         "open_share": args.open_share,
         "steps": step,
+        "lr": args.lr,
         "batch_size": args.batch_size,
         "train_minutes": round(train_minutes, 1),
         "test_accuracy": test_acc,
@@ -351,20 +365,21 @@ def train(args) -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "data": "easy-VQA 1.0 (pip install easy-vqa), Victor Zhou, MIT license",
     }
+    if earlier:  # the run it continued, whole (its own command, steps and history)
+        parts["continues"] = earlier
+        parts["total_steps"] = earlier.get("total_steps", earlier["steps"]) + step
+        parts["total_train_minutes"] = round(
+            earlier.get("total_train_minutes", earlier["train_minutes"]) + train_minutes, 1
+        )
     save_parts(model, args.folder, parts)
     print(f"saved {args.folder / 'parts.safetensors'}")
 
 
 def assemble(args) -> None:
     """The checkpoint folder: the package's LM, the trained parts (fp16 as saved, loaded to fp32), the processor."""
-    from safetensors.torch import load_file
-
     processor = make_processor()
     model = make_model(processor, seed=0)
-    parts = load_file(str(args.folder / "parts.safetensors"))
-    state = model.state_dict()
-    assert set(parts) == {k for k in state if k.startswith(PART_PREFIXES)}, "parts.safetensors does not fit"
-    model.load_state_dict({k: v.float() for k, v in parts.items()}, strict=False)
+    load_parts(model, args.folder)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
@@ -387,6 +402,7 @@ def main(argv=None):
     t.add_argument("--eval-every", type=int, default=200)
     t.add_argument("--probe", type=int, default=300, help="test questions checked during training")
     t.add_argument("--test-all", action="store_true", help="the final accuracy on every test question")
+    t.add_argument("--init", type=Path, help="continue from the parts of an earlier run in this folder (no stage 1)")
     a = sub.add_parser("assemble", help="the checkpoint folder OUT from FOLDER's parts and the package's LM")
     a.add_argument("folder", type=Path)
     a.add_argument("out", type=Path)

@@ -78,13 +78,13 @@ def test_one_prompt_makes_exactly_the_stock_host_syncs(kind):
 
 def test_the_prefill_bench_runs_and_prints_its_table(capsys):
     """scripts/bench_prefill.py is the GPU check prepared for a session with a device (scripts/gpu_bench.sh): it
-    must not rot. Its launch shape (LLaVA-1.5-13B's layer pattern at a negligible width), 2 layers (one frozen),
+    must not rot. Its launch shape (LLaVA-1.5-13B's layer pattern at a negligible width), 1 layer (frozen),
     batch 1 and 2, eager and compiled rows, prefill + 2 tokens, PyTorch and ONNX Runtime. Its main() in-process
     (the imports, not the script, would be most of a fresh process's time)."""
     spec = importlib.util.spec_from_file_location("bench_prefill", REPO / "scripts" / "bench_prefill.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--shape", "launch", "--depth", "2", "--batch", "1,2", "--runs", "1", "--warmup", "0"]
+    argv = ["--shape", "launch", "--depth", "1", "--batch", "1,2", "--runs", "1", "--warmup", "0"]
     bench.main([*argv, "--decode-tokens", "2", "--compile", "eager", "--backend", "torch,onnx"])
     out = capsys.readouterr()
     rows = [line for line in out.out.splitlines() if line.startswith("| launch |")]
