@@ -285,6 +285,8 @@ def train(args) -> None:
     processor = make_processor()
     model = make_model(processor, args.seed)
     earlier = load_parts(model, args.init) if args.init else None  # a run continued: its tower stage is done
+    if earlier is not None and earlier.get("partial"):
+        sys.exit(f"{args.init} holds the parts of a run that was stopped; continue from a finished one")
     train_split = easy_vqa_split("train")
     train_set = Encoded(processor, *train_split)
     test_set = Encoded(processor, *easy_vqa_split("test"))
@@ -336,7 +338,8 @@ def train(args) -> None:
                 {"step": step, "loss": round(loss.item(), 4), "probe_acc": acc, "minutes": round(minutes, 1)}
             )
             print(f"step {step}/{steps}  loss {loss.item():.4f}  probe acc {acc:.3f}  {minutes:.1f} min", flush=True)
-            save_parts(model, args.folder, {"partial": True, "history": history})  # so far, in case it is stopped
+            partial = {"partial": True, "history": history, **({"continues": earlier} if earlier else {})}
+            save_parts(model, args.folder, partial)  # so far, in case it is stopped
         elif step % 20 == 0:
             print(f"step {step}/{steps}  loss {loss.item():.4f}  {minutes:.1f} min", flush=True)
         if args.max_minutes is not None and minutes > args.max_minutes:
@@ -353,7 +356,7 @@ def train(args) -> None:
         "image_size": IMAGE_SIZE,
         "patch_size": PATCH,
         "seed": args.seed,
-        "tower_steps": args.tower_steps,
+        "tower_steps": 0 if earlier else args.tower_steps,  # a continued run has the tower stage of the one before
         "open_share": args.open_share,
         "steps": step,
         "lr": args.lr,
@@ -367,9 +370,9 @@ def train(args) -> None:
     }
     if earlier:  # the run it continued, whole (its own command, steps and history)
         parts["continues"] = earlier
-        parts["total_steps"] = earlier.get("total_steps", earlier["steps"]) + step
+        parts["total_steps"] = (earlier.get("total_steps") or earlier["steps"]) + step
         parts["total_train_minutes"] = round(
-            earlier.get("total_train_minutes", earlier["train_minutes"]) + train_minutes, 1
+            (earlier.get("total_train_minutes") or earlier["train_minutes"]) + train_minutes, 1
         )
     save_parts(model, args.folder, parts)
     print(f"saved {args.folder / 'parts.safetensors'}")
@@ -402,7 +405,11 @@ def main(argv=None):
     t.add_argument("--eval-every", type=int, default=200)
     t.add_argument("--probe", type=int, default=300, help="test questions checked during training")
     t.add_argument("--test-all", action="store_true", help="the final accuracy on every test question")
-    t.add_argument("--init", type=Path, help="continue from the parts of an earlier run in this folder (no stage 1)")
+    t.add_argument(
+        "--init",
+        type=Path,
+        help="continue from a finished run's parts in this folder (no stage 1); give another FOLDER to write to",
+    )
     a = sub.add_parser("assemble", help="the checkpoint folder OUT from FOLDER's parts and the package's LM")
     a.add_argument("folder", type=Path)
     a.add_argument("out", type=Path)

@@ -32,7 +32,7 @@ def _tiny_root(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _onnx_function_table_once():
-    """torch.onnx.export builds its table of ATen-to-ONNX functions anew on every call (about 1 s: onnxscript reads
+    """torch.onnx.export builds its table of ATen-to-ONNX functions anew on every call (1 to 2 s: onnxscript reads
     the source of some 500 functions each time), and a worker exports some 30 graphs: the table is built once per
     worker here. The same table: an export changes it only for a custom translation table, which the tool never
     passes. Where torch's private module differs, nothing is patched."""

@@ -73,8 +73,10 @@ def close(a: list[float], b: list[float], rel: float = 1e-4) -> bool:
 
 LC_MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("llava", "qwen2_sliding")]
 LC_MODELS += [(kind, text) for kind, text in FAMILIES if kind in NEW_FAMILIES]
-# on the lowest transformers too: Llama, LLaVA-NeXT's variable image-token counts, M-RoPE, Gemma 3
-LC_LOWEST = {("llava", "llama"), ("llava_next", "llama"), ("qwen2_5_vl", "qwen2"), ("gemma3", "gemma3")}
+# on the lowest transformers too: one model per text-decoder kind (Llama, Mistral, Qwen2 with M-RoPE, Gemma 3) and
+# LLaVA-NeXT's variable image-token counts
+LC_LOWEST = {("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("qwen2_5_vl", "qwen2")}
+LC_LOWEST |= {("gemma3", "gemma3")}
 
 
 @pytest.mark.parametrize(

@@ -227,12 +227,16 @@ def test_no_deprecation_warnings_from_the_model_file():
 
 # The compile tests trace every decoder layer (about 0.4 s a layer): 3-layer models, the first and the last frozen
 # (Qwen2's sliding layers are 2 on, Gemma 3's alternate: each attention type traced). On the lowest transformers
-# they run for Llama, sliding Mistral, M-RoPE (Qwen2.5-VL) and Gemma 3's alternating layers (README Versions).
+# each runs one model per text-decoder kind of its own list (Llama, Mistral, Qwen2, Gemma 3), M-RoPE among them
+# where the list has it, and Idefics3's image prefill (README Versions).
 COMPILE_FROZEN, COMPILE_LAYERS = (2, 0), 3
-COMPILE_LOWEST = {("llava", "llama"), ("llava", "mistral_sliding"), ("qwen2_5_vl", "qwen2"), ("gemma3", "gemma3")}
 
 
-@params(frozen=[COMPILE_FROZEN], models=[(k, t) for k, t, f in CASES if f == (4, 1, 3)], lowest=COMPILE_LOWEST)
+@params(
+    frozen=[COMPILE_FROZEN],
+    models=[(k, t) for k, t, f in CASES if f == (4, 1, 3)],
+    lowest={("llava", "llama"), ("llava", "mistral_sliding"), ("qwen2_5_vl", "qwen2"), ("gemma3", "gemma3")},
+)
 def test_text_only_decode_step_compiles_with_fullgraph(kind, text, frozen):
     """No branching on tensor values outside image prefill: a decode step traces as one graph and agrees."""
     shortv, _ = pair(kind, text, frozen, layers=COMPILE_LAYERS)
@@ -257,7 +261,11 @@ def test_text_only_decode_step_compiles_with_fullgraph(kind, text, frozen):
 COMPILED = [("llava", "llama"), ("llava", "qwen2_sliding"), ("gemma3", "gemma3"), ("smolvlm", "llama")]
 
 
-@params(frozen=[COMPILE_FROZEN], models=[*COMPILED, ("qwen2_5_vl", "qwen2")], lowest=COMPILE_LOWEST)
+@params(
+    frozen=[COMPILE_FROZEN],
+    models=[*COMPILED, ("qwen2_5_vl", "qwen2")],
+    lowest={("llava", "llama"), ("llava", "qwen2_sliding"), ("gemma3", "gemma3"), ("qwen2_5_vl", "qwen2")},
+)
 def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
     from transformers import CompileConfig
 
@@ -279,7 +287,9 @@ def test_static_cache_generation_with_compile_equals_eager(kind, text, frozen):
 
 
 @params(
-    frozen=[COMPILE_FROZEN], models=[*COMPILED, ("idefics3", "llama")], lowest={*COMPILE_LOWEST, ("idefics3", "llama")}
+    frozen=[COMPILE_FROZEN],
+    models=[*COMPILED, ("idefics3", "llama")],
+    lowest={("llava", "llama"), ("llava", "qwen2_sliding"), ("gemma3", "gemma3"), ("idefics3", "llama")},
 )
 def test_one_prompt_image_prefill_compiles_with_fullgraph(kind, text, frozen):
     """The captured path: for one prompt the text width comes from the host (sequence length minus the image

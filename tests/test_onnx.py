@@ -201,7 +201,8 @@ def test_text_index_pads_rows_with_their_last_text_position():
 
 
 def test_fp16_export_frees_the_model_before_onnx_runtime_loads_the_graphs(tmp_path, monkeypatch):
-    """An export of its own, of a 1-layer model (the dtype is under test here, the layers everywhere else). Once
+    """An export of its own, of a 2-layer model: a stock layer, then a frozen one (the dtype is under test here;
+    the 3-layer models test the frozen layers' order everywhere else). Once
     the graphs are written and PyTorch's reference is computed, nothing keeps the traced model alive when ONNX
     Runtime loads them for the validation (onnxscript's rewrite rules used to)."""
     import weakref
@@ -222,7 +223,7 @@ def test_fp16_export_frees_the_model_before_onnx_runtime_loads_the_graphs(tmp_pa
     monkeypatch.setattr(onnx_export, "_export_decoder", decoder)
     monkeypatch.setattr(onnx_validate, "validate_export", validated)
     out = tmp_path / "ckpt"
-    args = [str(tiny_dir("llava", num_layers=1)), "--layers", "0", "--onnx", "--onnx-dtype", "fp16", "--out", str(out)]
+    args = [str(tiny_dir("llava", num_layers=2)), "--layers", "1", "--onnx", "--onnx-dtype", "fp16", "--out", str(out)]
     result = CliRunner().invoke(main, [*args, "-q", "--no-verify"])
     assert result.exit_code == 0, result.output
     graph = onnx.load(out / "onnx" / "decoder_model_merged.onnx", load_external_data=False).graph
