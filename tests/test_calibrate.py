@@ -75,8 +75,13 @@ LC_MODELS = [("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sli
 LC_MODELS += [(kind, text) for kind, text in FAMILIES if kind in NEW_FAMILIES]
 # on the lowest transformers too: one model per text-decoder kind (Llama, Mistral, Qwen2 with M-RoPE, Gemma 3) and
 # LLaVA-NeXT's variable image-token counts
-LC_LOWEST = {("llava", "llama"), ("llava_next", "llama"), ("llava", "mistral_sliding"), ("qwen2_5_vl", "qwen2")}
-LC_LOWEST |= {("gemma3", "gemma3")}
+LC_LOWEST = {
+    ("llava", "llama"),
+    ("llava_next", "llama"),
+    ("llava", "mistral_sliding"),
+    ("qwen2_5_vl", "qwen2"),
+    ("gemma3", "gemma3"),
+}
 
 
 @pytest.mark.parametrize(

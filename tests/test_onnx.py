@@ -202,9 +202,9 @@ def test_text_index_pads_rows_with_their_last_text_position():
 
 def test_fp16_export_frees_the_model_before_onnx_runtime_loads_the_graphs(tmp_path, monkeypatch):
     """An export of its own, of a 2-layer model: a stock layer, then a frozen one (the dtype is under test here;
-    the 3-layer models test the frozen layers' order everywhere else). Once
-    the graphs are written and PyTorch's reference is computed, nothing keeps the traced model alive when ONNX
-    Runtime loads them for the validation (onnxscript's rewrite rules used to)."""
+    the 3-layer models test the frozen layers' order everywhere else). Once the graphs are written and PyTorch's
+    reference is computed, nothing keeps the traced model alive when ONNX Runtime loads them for the validation
+    (onnxscript's rewrite rules used to)."""
     import weakref
 
     from shortv_export import onnx_export, onnx_validate
@@ -407,7 +407,7 @@ def test_weight_only_quantization_of_the_decoder(exported, tmp_path, scheme, bit
     out = tmp_path / "ckpt"
     layers = 1 if scheme == "int4" else LAYERS
     if scheme == "int4":
-        args = [str(tiny_dir("llava", num_layers=1)), "--layers", "0", "--onnx"]
+        args = [str(tiny_dir("llava", num_layers=layers)), "--layers", "0", "--onnx"]
         args += ["--onnx-quantize", scheme]
         args += ["--out", str(out)]
         result = CliRunner().invoke(main, [*args, "-q", "--no-verify"])
